@@ -1,0 +1,283 @@
+"""Invariant aggregation (Wang et al., AISTATS 2024, Algorithm 1) on plain numpy arrays.
+
+No Flower import: this module is the numerical core that both strategy adapters call.
+
+Shapes: a "stacked" array is ``(num_clients, *layer_shape)``; a model is a list of
+layer arrays; ``pseudo_gradients`` is a list over clients of such lists.
+
+Speed: the trimmed mean needs, per coordinate, the values of ranks ``[b, N - b)``.
+``np.partition`` / ``np.sort`` over millions of tiny columns cost seconds, so the
+values are instead pushed through a min/max comparator network (Batcher's
+odd-even merge sort, pruned to the ranks we need) whose every comparator is one
+vectorised ``np.minimum`` / ``np.maximum`` over a cache-sized chunk of
+coordinates. Chunks run in a thread pool (numpy ufuncs release the GIL).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = [
+    "coordinate_median",
+    "invariant_aggregate",
+    "invariant_update",
+    "min_votes",
+    "sign_consistency",
+    "trim_count",
+    "trimmed_mean",
+]
+
+# Bytes of client values held per chunk (N rows x chunk coordinates); fits in L2/L3.
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+
+
+def trim_count(num_values: int, trim_ratio: float) -> int:
+    """Values dropped from each tail: ``ceil(trim_ratio * N)``, at most ``(N - 1) // 2``.
+
+    The product is rounded to 9 decimals first so that e.g. ``0.1 * 30`` (which is
+    ``3.0000000000000004`` in floating point) trims 3 values, not 4.
+    """
+    return min(math.ceil(round(trim_ratio * num_values, 9)), (num_values - 1) // 2)
+
+
+def min_votes(num_clients: int, tau: float) -> int:
+    """Smallest ``k`` with ``k / N >= tau``: the mask keeps ``|sum_i sign(g_i)| >= k``.
+
+    Comparing integer vote counts is exact; ``N + 1`` means nothing passes.
+    """
+    return next((k for k in range(num_clients + 1) if k / num_clients >= tau), num_clients + 1)
+
+
+def sign_consistency(stacked: np.ndarray) -> np.ndarray:
+    """``|mean_i sign(x_i)|`` per coordinate, ``sign(0) = 0``.
+
+    ``stacked``: ``(num_clients, ...)``. Returns float64 of shape ``stacked.shape[1:]``,
+    values in ``[0, 1]``.
+    """
+    stacked = np.asarray(stacked)
+    votes = np.sign(stacked).sum(axis=0, dtype=np.float64)
+    return np.abs(votes) / stacked.shape[0]
+
+
+def trimmed_mean(stacked: np.ndarray, trim_ratio: float) -> np.ndarray:
+    """Coordinate-wise trimmed mean (paper Def. 3) over axis 0.
+
+    Drops ``trim_count(N, trim_ratio)`` values from each tail of every coordinate
+    and averages the rest (accumulated in float64). ``stacked``: ``(N, ...)``;
+    returns ``stacked.shape[1:]`` in the input's floating dtype.
+    """
+    stacked = np.asarray(stacked)
+    trim = trim_count(stacked.shape[0], trim_ratio)
+    rows = [np.array(row, copy=True).reshape(-1) for row in stacked]
+    middle_sum = _middle_sum(rows, trim)
+    kept = stacked.shape[0] - 2 * trim
+    out_dtype = stacked.dtype if stacked.dtype.kind == "f" else np.float64
+    return (middle_sum / kept).astype(out_dtype).reshape(stacked.shape[1:])
+
+
+def coordinate_median(stacked: np.ndarray) -> np.ndarray:
+    """Lower coordinate-wise median over axis 0, always one of the input values.
+
+    Used for non-floating arrays (e.g. BatchNorm's ``num_batches_tracked``), which
+    must never be masked, averaged or cast to float. Shape ``stacked.shape[1:]``.
+    """
+    stacked = np.asarray(stacked)
+    lower_middle = (stacked.shape[0] - 1) // 2
+    return np.partition(stacked, lower_middle, axis=0)[lower_middle]
+
+
+def invariant_aggregate(
+    pseudo_gradients: Sequence[Sequence[np.ndarray]],
+    tau: float,
+    trim_ratio: float,
+    *,
+    num_threads: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[np.ndarray]:
+    """AND-masked trimmed mean of client pseudo-gradients, per layer.
+
+    ``pseudo_gradients[i][l]`` is client i's array for layer l (all clients share
+    layer shapes). Returns, per layer,
+    ``where(sign_consistency >= tau, trimmed_mean(trim_ratio), 0)`` in the layer's
+    floating dtype. Inputs are not modified.
+    """
+    layers = list(zip(*pseudo_gradients, strict=True))
+    engine = _ChunkEngine(len(pseudo_gradients), tau, trim_ratio, num_threads, chunk_bytes)
+    results = engine.run([(list(layer), None, 0.0) for layer in layers])
+    return [aggregate for aggregate, _ in results]
+
+
+def invariant_update(
+    global_weights: Sequence[np.ndarray],
+    client_weights: Sequence[Sequence[np.ndarray]],
+    *,
+    tau: float,
+    trim_ratio: float,
+    server_learning_rate: float = 1.0,
+    num_threads: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[list[np.ndarray], float]:
+    """One server step of Algorithm 1 from returned weights.
+
+    Floating layers: ``g_i = w - w_i`` (formed chunk by chunk, never all at once),
+    ``w' = w - server_learning_rate * masked_trimmed_mean(g)``. Non-floating
+    layers: the lower coordinate-wise median of the returned values.
+
+    Returns the new weights (dtypes and shapes of ``global_weights``) and the
+    mask fraction: kept floating coordinates / all floating coordinates
+    (1.0 if the model has none). Inputs are not modified.
+    """
+    engine = _ChunkEngine(len(client_weights), tau, trim_ratio, num_threads, chunk_bytes)
+    float_jobs = []
+    new_weights: list[np.ndarray | None] = []
+    for index, reference in enumerate(global_weights):
+        layer = [weights[index] for weights in client_weights]
+        if reference.dtype.kind == "f":
+            float_jobs.append((layer, reference, server_learning_rate))
+            new_weights.append(None)
+        else:
+            stacked = np.stack([np.asarray(a, dtype=reference.dtype) for a in layer])
+            new_weights.append(coordinate_median(stacked))
+    float_results = iter(engine.run(float_jobs))
+    kept = total = 0
+    for index, weights in enumerate(new_weights):
+        if weights is None:
+            new_weights[index], layer_kept = next(float_results)
+            kept += layer_kept
+            total += new_weights[index].size
+    return new_weights, (kept / total if total else 1.0)
+
+
+@lru_cache(maxsize=256)
+def _comparator_network(num_values: int, wanted: tuple[int, ...]) -> tuple:
+    """Batcher odd-even merge sort comparators on ``num_values`` wires, pruned.
+
+    Returns ``(low, high, need_min, need_max)`` tuples in execution order: only
+    comparators that can influence the wires in ``wanted`` are kept, and each does
+    only the half (min to ``low``, max to ``high``) that is used later.
+    """
+    padded = 1 << max(num_values - 1, 0).bit_length()
+    comparators = []
+    block = 1
+    while block < padded:
+        step = block
+        while step >= 1:
+            for start in range(step % block, padded - step, 2 * step):
+                for offset in range(min(step, padded - start - step)):
+                    low, high = offset + start, offset + start + step
+                    # Wires >= num_values hold +inf: comparators touching them are no-ops.
+                    if low // (2 * block) == high // (2 * block) and high < num_values:
+                        comparators.append((low, high))
+            step //= 2
+        block *= 2
+    needed = set(wanted)
+    pruned = []
+    for low, high in reversed(comparators):
+        need_min, need_max = low in needed, high in needed
+        if need_min or need_max:
+            pruned.append((low, high, need_min, need_max))
+            needed.update((low, high))
+    return tuple(reversed(pruned))
+
+
+def _middle_sum(rows: list[np.ndarray], trim: int) -> np.ndarray:
+    """Sum (float64) over the values of ranks ``[trim, N - trim)`` per coordinate.
+
+    ``rows``: N equal-length 1-D arrays, one per client; they are overwritten.
+    """
+    num_values = len(rows)
+    wanted = tuple(range(trim, num_values - trim))
+    if trim:
+        scratch = np.empty_like(rows[0])
+        for low, high, need_min, need_max in _comparator_network(num_values, wanted):
+            if need_min and need_max:
+                np.minimum(rows[low], rows[high], out=scratch)
+                np.maximum(rows[low], rows[high], out=rows[high])
+                rows[low], scratch = scratch, rows[low]
+            elif need_min:
+                np.minimum(rows[low], rows[high], out=rows[low])
+            else:
+                np.maximum(rows[low], rows[high], out=rows[high])
+    total = rows[wanted[0]].astype(np.float64)
+    for rank in wanted[1:]:
+        total += rows[rank]
+    return total
+
+
+class _ChunkEngine:
+    """Runs masked trimmed means over chunks of layers in a thread pool."""
+
+    def __init__(
+        self,
+        num_clients: int,
+        tau: float,
+        trim_ratio: float,
+        num_threads: int | None,
+        chunk_bytes: int,
+    ) -> None:
+        if num_clients < 1:
+            raise ValueError("invariant aggregation needs at least one client update")
+        self.num_clients = num_clients
+        self.trim = trim_count(num_clients, trim_ratio)
+        self.min_votes = min_votes(num_clients, tau)
+        self.num_threads = num_threads or min(os.cpu_count() or 1, 8)
+        self.chunk_bytes = chunk_bytes
+
+    def run(
+        self, jobs: list[tuple[list[np.ndarray], np.ndarray | None, float]]
+    ) -> list[tuple[np.ndarray, int]]:
+        """Each job is ``(client_arrays, reference, learning_rate)``.
+
+        Without a reference the client arrays are the pseudo-gradients and the
+        result is the masked trimmed mean; with one, values are
+        ``reference - client`` and the result is ``reference - lr * aggregate``.
+        Returns ``(result, kept_coordinates)`` per job.
+        """
+        tasks = []
+        outputs = []
+        for arrays, reference, learning_rate in jobs:
+            template = reference if reference is not None else arrays[0]
+            dtype = template.dtype if template.dtype.kind == "f" else np.dtype(np.float64)
+            flats = [np.ravel(a) for a in arrays]
+            flat_ref = None if reference is None else np.ravel(reference)
+            out = np.empty(flats[0].size, dtype=dtype)
+            outputs.append((out, template.shape))
+            step = max(1, self.chunk_bytes // (self.num_clients * dtype.itemsize))
+            for start in range(0, out.size, step):
+                window = slice(start, min(start + step, out.size))
+                tasks.append((flats, flat_ref, learning_rate, out, window, len(outputs) - 1))
+        kept = [0] * len(outputs)
+        if self.num_threads > 1 and len(tasks) > 1:
+            with ThreadPoolExecutor(self.num_threads) as pool:
+                counts = list(pool.map(self._run_chunk, tasks))
+        else:
+            counts = [self._run_chunk(task) for task in tasks]
+        for task, count in zip(tasks, counts, strict=True):
+            kept[task[-1]] += count
+        return [(out.reshape(shape), kept[i]) for i, (out, shape) in enumerate(outputs)]
+
+    def _run_chunk(self, task: tuple) -> int:
+        flats, flat_ref, learning_rate, out, window, _ = task
+        dtype = out.dtype
+        if flat_ref is None:
+            rows = [np.array(flat[window], dtype=dtype) for flat in flats]
+        else:
+            rows = [np.subtract(flat_ref[window], flat[window], dtype=dtype) for flat in flats]
+        votes = np.zeros(len(rows[0]), dtype=np.float32)
+        for row in rows:
+            votes += np.sign(row)
+        mask = np.abs(votes) >= self.min_votes
+        mean = _middle_sum(rows, self.trim)
+        mean /= self.num_clients - 2 * self.trim
+        mean[~mask] = 0.0
+        if flat_ref is None:
+            out[window] = mean
+        else:
+            out[window] = flat_ref[window] - learning_rate * mean
+        return int(np.count_nonzero(mask))

@@ -1,0 +1,118 @@
+"""``InvariantAggregation`` for Flower's ``flwr.server.strategy`` API (NDArrays/FitRes)."""
+
+from __future__ import annotations
+
+from functools import partial
+from logging import ERROR, WARNING
+from typing import Any
+
+from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from .round import InvariantConfig, aggregate_round
+from .updates import decode_npy
+
+__all__ = ["InvariantAggregation"]
+
+
+class InvariantAggregation(FedAvg):
+    """Invariant Aggregator (Wang et al., AISTATS 2024) as a Flower ``FedAvg`` strategy.
+
+    Each round, client weights ``w_i`` become pseudo-gradients ``g_i = w - w_i``
+    against the global weights ``w`` sent that round. Per coordinate, the server
+    keeps the coordinate-wise trimmed mean of ``g`` only where at least a ``tau``
+    share of clients agree on its sign (AND-mask), and steps
+    ``w' = w - server_learning_rate * g``. Non-floating arrays take the
+    coordinate-wise median. Updates with NaN/Inf, wrong shapes or array counts,
+    or non-numeric arrays are excluded (and logged); sampling, evaluation and
+    configuration are ``FedAvg``'s. Sample counts do not weight the aggregate.
+
+    Parameters
+    ----------
+    tau : float (default: 0.6)
+        Sign-consistency threshold of the AND-mask, in [0, 1].
+    trim_ratio : float (default: 0.45)
+        Fraction trimmed from each tail per coordinate, in [0, 0.5); at most
+        ``(N - 1) // 2`` values per tail. With ``tau=0.6`` this matches the
+        authors' released code (almost the coordinate-wise median).
+    server_learning_rate : float (default: 1.0)
+        Server step size along the aggregated pseudo-gradient.
+    backend : str (default: "numpy")
+        "numpy", "torch" (CUDA if visible, else CPU) or "auto" (torch on a GPU
+        when there is one).
+    num_threads : int, optional
+        Threads of the numpy backend (default: CPU count, at most 8).
+    **fedavg_kwargs
+        Any keyword argument of ``flwr.server.strategy.FedAvg`` (``fraction_fit``,
+        ``min_fit_clients``, ``evaluate_fn``, ``initial_parameters``, ...).
+
+    ``aggregate_fit`` returns the metrics ``mask_fraction`` (share of floating
+    coordinates the mask kept), ``num_excluded``, ``num_aggregated``,
+    ``num_failures`` and ``trim_count``, plus ``fit_metrics_aggregation_fn``'s
+    over the aggregated clients.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float = 0.6,
+        trim_ratio: float = 0.45,
+        server_learning_rate: float = 1.0,
+        backend: str = "numpy",
+        num_threads: int | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        self.config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
+        super().__init__(**fedavg_kwargs)
+        self._global_parameters: Parameters | None = None
+
+    def __repr__(self) -> str:
+        """Compute a string representation of the strategy."""
+        return (
+            f"InvariantAggregation(tau={self.config.tau}, trim_ratio={self.config.trim_ratio}, "
+            f"server_learning_rate={self.config.server_learning_rate}, "
+            f"accept_failures={self.accept_failures})"
+        )
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
+        """Remember the global weights sent this round, then configure like FedAvg."""
+        self._global_parameters = parameters
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Invariant aggregation of the valid fit results."""
+        if not results:
+            return None, {}
+        if not self.accept_failures and failures:
+            return None, {}
+        if self._global_parameters is None:
+            log(ERROR, "aggregate_fit: configure_fit never ran, so the global weights are unknown")
+            return None, {}
+        global_weights = [decode_npy(tensor) for tensor in self._global_parameters.tensors]
+        candidates = [
+            (proxy.cid, partial(_decode_parameters, fit_res.parameters)) for proxy, fit_res in results
+        ]
+        outcome = aggregate_round(server_round, global_weights, candidates, self.config)
+        metrics: dict[str, Scalar] = {**outcome.metrics, "num_failures": len(failures)}
+        if self.fit_metrics_aggregation_fn and outcome.accepted:
+            fit_metrics = [(results[i][1].num_examples, results[i][1].metrics) for i in outcome.accepted]
+            metrics.update(self.fit_metrics_aggregation_fn(fit_metrics))
+        elif server_round == 1 and not self.fit_metrics_aggregation_fn:
+            log(WARNING, "No fit_metrics_aggregation_fn provided")
+        if outcome.weights is None:
+            return None, metrics
+        return ndarrays_to_parameters(outcome.weights), metrics
+
+
+def _decode_parameters(parameters: Parameters) -> list:
+    if parameters.tensor_type != "numpy.ndarray":
+        raise ValueError(f"tensor_type {parameters.tensor_type!r} is not 'numpy.ndarray'")
+    return [decode_npy(tensor) for tensor in parameters.tensors]
