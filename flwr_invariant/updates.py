@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ScreenedUpdates", "decode_npy", "screen_updates", "update_problem"]
+__all__ = ["ScreenedUpdates", "decode_npy", "float_headroom", "screen_updates", "update_problem"]
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -36,15 +36,30 @@ def decode_npy(data: bytes) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
-def update_problem(update: Sequence[np.ndarray], global_weights: Sequence[np.ndarray]) -> str | None:
+def float_headroom(global_weights: Sequence[np.ndarray]) -> list[float]:
+    """Per layer, the largest ``|w_i|`` for which ``w - w_i`` cannot overflow (floating layers)."""
+    return [
+        float(np.finfo(w.dtype).max) - float(np.abs(w).max(initial=0.0)) if w.dtype.kind == "f" else 0.0
+        for w in global_weights
+    ]
+
+
+def update_problem(
+    update: Sequence[np.ndarray],
+    global_weights: Sequence[np.ndarray],
+    headroom: Sequence[float] | None = None,
+) -> str | None:
     """Why ``update`` cannot be aggregated against ``global_weights``, or ``None``.
 
     Checks: same number of arrays; each a numeric ndarray of the global shape;
     floating layers accept any real dtype, other layers need the global dtype;
     no NaN/Inf; and ``w - w_i`` cannot overflow the layer's dtype.
+    ``headroom``: ``float_headroom(global_weights)``, if already computed.
     """
     if len(update) != len(global_weights):
         return f"sent {len(update)} arrays, the global model has {len(global_weights)}"
+    if headroom is None:
+        headroom = float_headroom(global_weights)
     for index, (array, reference) in enumerate(zip(update, global_weights, strict=True)):
         if not isinstance(array, np.ndarray):
             return f"array {index} is a {type(array).__name__}, not a numpy array"
@@ -56,15 +71,28 @@ def update_problem(update: Sequence[np.ndarray], global_weights: Sequence[np.nda
             if array.dtype != reference.dtype:
                 return f"array {index} has dtype {array.dtype}, the global model has {reference.dtype}"
             continue
-        if array.size == 0:
-            continue
-        # min/max propagate NaN, so two reductions find NaN, Inf and the magnitude.
-        low, high = array.min(), array.max()
-        if not (np.isfinite(low) and np.isfinite(high)):
-            return f"array {index} contains NaN or Inf"
-        largest = max(abs(float(low)), abs(float(high)))
-        if largest + float(np.abs(reference).max()) > float(np.finfo(reference.dtype).max):
-            return f"array {index} has values up to {largest:.3g}, too large for {reference.dtype}"
+        problem = _value_problem(array, headroom[index])
+        if problem:
+            return f"array {index} {problem}"
+    return None
+
+
+def _value_problem(array: np.ndarray, headroom: float) -> str | None:
+    if array.size == 0:
+        return None
+    if array.dtype.kind == "f":
+        flat = array.reshape(-1)
+        # One BLAS pass: a finite L2 norm within the headroom rules out NaN, Inf and overflow.
+        norm = float(np.sqrt(np.dot(flat, flat)))
+        if norm <= headroom:
+            return None
+    # Slow path, only for suspicious or integer arrays: min/max propagate NaN.
+    low, high = array.min(), array.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "contains NaN or Inf"
+    largest = max(abs(float(low)), abs(float(high)))
+    if largest > headroom:
+        return f"has values up to {largest:.3g}, too large for the global model's dtype"
     return None
 
 
@@ -90,13 +118,14 @@ def screen_updates(
     client ("could not be decoded: ..."), as does any ``update_problem``.
     """
     screened = ScreenedUpdates()
+    headroom = float_headroom(global_weights)
     for index, (label, decode) in enumerate(candidates):
         try:
             update = list(decode())
         except Exception as error:  # noqa: BLE001 - any decoding failure excludes the client
             screened.excluded.append((label, f"could not be decoded: {error}"))
             continue
-        problem = update_problem(update, global_weights)
+        problem = update_problem(update, global_weights, headroom)
         if problem is None:
             screened.accepted.append(index)
             screened.updates.append(update)
