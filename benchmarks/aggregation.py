@@ -2,9 +2,13 @@
 
 All strategies get the same ``FitRes`` list (20 clients, float32 ResNet-18 state
 dicts with torchvision's real layer shapes, 11.19 M values each) in one process.
+Each client's update is a direction shared by all clients plus its own noise of
+the same scale, so clients agree on the sign of some coordinates and not others.
 Prints each ``aggregate_fit`` time (best of ``--repeats``), the ratios against
-``FedTrimmedAvg.aggregate_fit``, and the peak extra memory that numpy allocated
-during the call (tracemalloc, in a separate run), relative to the stacked updates.
+``FedTrimmedAvg.aggregate_fit``, the share of coordinates the mask kept, and the
+peak extra memory that numpy allocated during the call (tracemalloc, in a
+separate run), relative to the stacked updates. ``tau=0`` keeps every coordinate:
+the slowest case for invariant aggregation.
 
     python benchmarks/aggregation.py [--clients 20] [--repeats 3]
 """
@@ -55,14 +59,15 @@ def resnet18_round(num_clients: int, seed: int = 0):
     return global_weights, results
 
 
-def timed(strategy, results, repeats: int) -> float:
+def timed(strategy, results, repeats: int) -> tuple[float, dict]:
+    """Best wall time of ``aggregate_fit`` over ``repeats`` calls, and its metrics."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        parameters, _ = strategy.aggregate_fit(1, results, [])
+        parameters, metrics = strategy.aggregate_fit(1, results, [])
         best = min(best, time.perf_counter() - start)
         assert parameters is not None
-    return best
+    return best, metrics
 
 
 def peak_extra_bytes(strategy, results) -> int:
@@ -92,9 +97,13 @@ def main() -> None:
         "FedTrimmedAvg(beta=0.45)": FedTrimmedAvg(beta=0.45),
         "FedAvg": FedAvg(),
         "InvariantAggregation (numpy)": InvariantAggregation(),
+        "InvariantAggregation (numpy, tau=0)": InvariantAggregation(tau=0.0),
     }
     if torch.cuda.is_available():
         strategies["InvariantAggregation (torch, GPU)"] = InvariantAggregation(backend="torch")
+        strategies["InvariantAggregation (torch, GPU, tau=0)"] = InvariantAggregation(
+            backend="torch", tau=0.0
+        )
     for strategy in strategies.values():
         strategy.configure_fit(1, ndarrays_to_parameters(global_weights), manager)
 
@@ -109,16 +118,18 @@ def main() -> None:
         f"(ResNet-18 state dict, {len(global_weights)} arrays); "
         f"stacked updates {stacked_bytes / 2**20:.0f} MiB"
     )
-    times = {name: timed(strategy, results, args.repeats) for name, strategy in strategies.items()}
-    reference = times["FedTrimmedAvg(beta=0.45)"]
+    timings = {name: timed(strategy, results, args.repeats) for name, strategy in strategies.items()}
+    reference = timings["FedTrimmedAvg(beta=0.45)"][0]
     print(
-        f"\n{'strategy':36} {'aggregate_fit s':>15} {'FedTrimmedAvg / this':>21} "
+        f"\n{'strategy':40} {'aggregate_fit s':>15} {'FedTrimmedAvg / this':>21} {'mask kept':>9} "
         f"{'peak extra MiB':>15} {'x stacked':>10}"
     )
     for name, strategy in strategies.items():
+        seconds, metrics = timings[name]
+        mask = f"{metrics['mask_fraction']:9.1%}" if "mask_fraction" in metrics else f"{'-':>9}"
         peak = peak_extra_bytes(strategy, results) if "GPU" not in name else float("nan")
         print(
-            f"{name:36} {times[name]:15.3f} {reference / times[name]:20.1f}x "
+            f"{name:40} {seconds:15.3f} {reference / seconds:20.1f}x {mask} "
             f"{peak / 2**20:15.0f} {peak / stacked_bytes:10.2f}"
         )
 

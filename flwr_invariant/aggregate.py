@@ -76,7 +76,7 @@ def trimmed_mean(stacked: np.ndarray, trim_ratio: float) -> np.ndarray:
     stacked = np.asarray(stacked)
     trim = trim_count(stacked.shape[0], trim_ratio)
     rows = [np.array(row, copy=True).reshape(-1) for row in stacked]
-    middle_sum = _middle_sum(rows, trim, np.empty_like(rows[0]))
+    middle_sum = _middle_sum(rows, trim, np.empty_like(rows[0]), np.empty(rows[0].size))
     kept = stacked.shape[0] - 2 * trim
     out_dtype = stacked.dtype if stacked.dtype.kind == "f" else np.float64
     return (middle_sum / kept).astype(out_dtype).reshape(stacked.shape[1:])
@@ -187,11 +187,11 @@ def _comparator_network(num_values: int, wanted: tuple[int, ...]) -> tuple:
     return tuple(reversed(pruned))
 
 
-def _middle_sum(rows: list[np.ndarray], trim: int, scratch: np.ndarray) -> np.ndarray:
-    """Sum (float64) over the values of ranks ``[trim, N - trim)`` per coordinate.
+def _middle_sum(rows: list[np.ndarray], trim: int, scratch: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Sum over the values of ranks ``[trim, N - trim)`` per coordinate, into ``total``.
 
     ``rows``: N equal-length 1-D arrays, one per client, and ``scratch`` one more
-    of the same length; all are overwritten.
+    of the same length; all are overwritten. ``total``: float64, same length.
     """
     num_values = len(rows)
     wanted = tuple(range(trim, num_values - trim))
@@ -205,7 +205,7 @@ def _middle_sum(rows: list[np.ndarray], trim: int, scratch: np.ndarray) -> np.nd
                 np.minimum(rows[low], rows[high], out=rows[low])
             else:
                 np.maximum(rows[low], rows[high], out=rows[high])
-    total = rows[wanted[0]].astype(np.float64)
+    total[:] = rows[wanted[0]]
     for rank in wanted[1:]:
         total += rows[rank]
     return total
@@ -270,19 +270,27 @@ class _ChunkEngine:
             kept[task[-1]] += count
         return [(out.reshape(shape), kept[i]) for i, (out, shape) in enumerate(outputs)]
 
-    def _scratch(self, dtype: np.dtype, length: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """This thread's N value rows plus one spare row and a vote row, ``length`` long."""
-        key = (np.dtype(dtype).str, length)
+    def _scratch(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's reusable buffers, one chunk long.
+
+        ``values``: ``2N + 2`` rows of ``dtype`` (client values, their masked
+        compaction, a spare row, the votes); ``sums``: 2 float64 rows.
+        """
+        key = np.dtype(dtype).str
         if getattr(self._buffers, "key", None) != key:
+            length = self.step_for(dtype)
             self._buffers.key = key
-            self._buffers.block = np.empty((self.num_clients + 2, length), dtype=dtype)
-        return list(self._buffers.block[: self.num_clients]), self._buffers.block[self.num_clients :]
+            self._buffers.values = np.empty((2 * self.num_clients + 2, length), dtype=dtype)
+            self._buffers.sums = np.empty((2, length), dtype=np.float64)
+        return self._buffers.values, self._buffers.sums
 
     def _run_chunk(self, task: tuple) -> int:
         flats, flat_ref, learning_rate, out, window, _ = task
         size = window.stop - window.start
-        rows, (spare, votes) = self._scratch(out.dtype, self.step_for(out.dtype))
-        rows, spare, votes = [row[:size] for row in rows], spare[:size], votes[:size]
+        values, sums = self._scratch(out.dtype)
+        n = self.num_clients
+        rows, compact = list(values[:n, :size]), list(values[n : 2 * n])
+        spare, votes = values[2 * n, :size], values[2 * n + 1, :size]
         for row, flat in zip(rows, flats, strict=True):
             if flat_ref is None:
                 row[:] = flat[window]
@@ -293,11 +301,20 @@ class _ChunkEngine:
             np.sign(row, out=spare)
             votes += spare
         mask = np.abs(votes, out=votes) >= self.min_votes
-        mean = _middle_sum(rows, self.trim, spare)
-        mean /= self.num_clients - 2 * self.trim
-        mean *= mask
+        kept = np.flatnonzero(mask)
+        mean = sums[1, :size]
+        if 2 * kept.size < size:
+            # The trimmed mean only matters where the mask keeps a coordinate.
+            mean.fill(0.0)
+            if kept.size:
+                dense = [np.take(row, kept, out=c[: kept.size]) for row, c in zip(rows, compact, strict=True)]
+                mean[kept] = _middle_sum(dense, self.trim, spare[: kept.size], sums[0, : kept.size])
+        else:
+            np.multiply(_middle_sum(rows, self.trim, spare, sums[0, :size]), mask, out=mean)
+        mean /= n - 2 * self.trim
         if flat_ref is None:
             out[window] = mean
         else:
-            out[window] = flat_ref[window] - learning_rate * mean
-        return int(np.count_nonzero(mask))
+            mean *= learning_rate
+            np.subtract(flat_ref[window], mean, out=out[window], casting="same_kind")
+        return int(kept.size)

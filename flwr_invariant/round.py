@@ -10,13 +10,14 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
 from .aggregate import invariant_update, trim_count
 from .updates import screen_updates
 
-__all__ = ["BACKENDS", "InvariantConfig", "RoundOutcome", "aggregate_round"]
+__all__ = ["BACKENDS", "InvariantConfig", "InvariantSettings", "RoundOutcome", "aggregate_round"]
 
 LOGGER = logging.getLogger("flwr")
 BACKENDS = ("numpy", "torch", "auto")
@@ -61,6 +62,35 @@ class InvariantConfig:
         if self.backend == "torch" or (self.backend == "auto" and cuda_available()):
             return invariant_update_torch
         return partial(invariant_update, num_threads=self.num_threads)
+
+
+class InvariantSettings:
+    """Mixin for a Flower strategy class: the Invariant Aggregator's keyword arguments.
+
+    Put it before the Flower base class; every other keyword argument goes to
+    the base class unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float = 0.6,
+        trim_ratio: float = 0.45,
+        server_learning_rate: float = 1.0,
+        backend: str = "numpy",
+        num_threads: int | None = None,
+        **strategy_kwargs: Any,
+    ) -> None:
+        self.invariant_config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
+        super().__init__(**strategy_kwargs)
+
+    def settings_repr(self) -> str:
+        """``tau=..., trim_ratio=..., server_learning_rate=...`` for ``__repr__``."""
+        config = self.invariant_config
+        return (
+            f"tau={config.tau}, trim_ratio={config.trim_ratio}, "
+            f"server_learning_rate={config.server_learning_rate}"
+        )
 
 
 @dataclass

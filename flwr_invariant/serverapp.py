@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import partial
 from logging import ERROR, INFO
-from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -13,13 +12,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .round import InvariantConfig, aggregate_round
+from .round import InvariantSettings, aggregate_round
 from .updates import decode_npy
 
 __all__ = ["InvariantAggregation"]
 
 
-class InvariantAggregation(FedAvg):
+class InvariantAggregation(InvariantSettings, FedAvg):
     """Invariant Aggregator (Wang et al., AISTATS 2024) as a Message API ``FedAvg``.
 
     The same algorithm and core as :class:`flwr_invariant.InvariantAggregation`
@@ -44,32 +43,16 @@ class InvariantAggregation(FedAvg):
     plus ``train_metrics_aggr_fn``'s over the aggregated replies.
     """
 
-    def __init__(
-        self,
-        *,
-        tau: float = 0.6,
-        trim_ratio: float = 0.45,
-        server_learning_rate: float = 1.0,
-        backend: str = "numpy",
-        num_threads: int | None = None,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        self.config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
-        super().__init__(**fedavg_kwargs)
-        self._global_arrays: ArrayRecord | None = None
+    _global_arrays: ArrayRecord | None = None
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
-        return (
-            f"InvariantAggregation(tau={self.config.tau}, trim_ratio={self.config.trim_ratio}, "
-            f"server_learning_rate={self.config.server_learning_rate})"
-        )
+        return f"InvariantAggregation({self.settings_repr()})"
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> InvariantAggregation settings:")
-        log(INFO, "\t│\t├── tau: %s | trim_ratio: %s", self.config.tau, self.config.trim_ratio)
-        log(INFO, "\t│\t└── server_learning_rate: %s", self.config.server_learning_rate)
+        log(INFO, "\t│\t└── %s", self.settings_repr())
         super().summary()
 
     def configure_train(
@@ -96,7 +79,7 @@ class InvariantAggregation(FedAvg):
             (f"node {msg.metadata.src_node_id}", partial(self._reply_arrays, msg, keys))
             for msg in valid_replies
         ]
-        outcome = aggregate_round(server_round, global_weights, candidates, self.config)
+        outcome = aggregate_round(server_round, global_weights, candidates, self.invariant_config)
         metrics = MetricRecord({**outcome.metrics, "num_failures": len(error_replies)})
         if outcome.accepted:
             accepted = [valid_replies[i].content for i in outcome.accepted]

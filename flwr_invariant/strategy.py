@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import partial
 from logging import ERROR, WARNING
-from typing import Any
 
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters
 from flwr.common.logger import log
@@ -12,13 +11,13 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from .round import InvariantConfig, aggregate_round
+from .round import InvariantSettings, aggregate_round
 from .updates import decode_npy
 
 __all__ = ["InvariantAggregation"]
 
 
-class InvariantAggregation(FedAvg):
+class InvariantAggregation(InvariantSettings, FedAvg):
     """Invariant Aggregator (Wang et al., AISTATS 2024) as a Flower ``FedAvg`` strategy.
 
     Each round, client weights ``w_i`` become pseudo-gradients ``g_i = w - w_i``
@@ -55,27 +54,11 @@ class InvariantAggregation(FedAvg):
     over the aggregated clients.
     """
 
-    def __init__(
-        self,
-        *,
-        tau: float = 0.6,
-        trim_ratio: float = 0.45,
-        server_learning_rate: float = 1.0,
-        backend: str = "numpy",
-        num_threads: int | None = None,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        self.config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
-        super().__init__(**fedavg_kwargs)
-        self._global_parameters: Parameters | None = None
+    _global_parameters: Parameters | None = None
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
-        return (
-            f"InvariantAggregation(tau={self.config.tau}, trim_ratio={self.config.trim_ratio}, "
-            f"server_learning_rate={self.config.server_learning_rate}, "
-            f"accept_failures={self.accept_failures})"
-        )
+        return f"InvariantAggregation({self.settings_repr()}, accept_failures={self.accept_failures})"
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
         """Remember the global weights sent this round, then configure like FedAvg."""
@@ -100,7 +83,7 @@ class InvariantAggregation(FedAvg):
         candidates = [
             (proxy.cid, partial(_decode_parameters, fit_res.parameters)) for proxy, fit_res in results
         ]
-        outcome = aggregate_round(server_round, global_weights, candidates, self.config)
+        outcome = aggregate_round(server_round, global_weights, candidates, self.invariant_config)
         metrics: dict[str, Scalar] = {**outcome.metrics, "num_failures": len(failures)}
         if self.fit_metrics_aggregation_fn and outcome.accepted:
             fit_metrics = [(results[i][1].num_examples, results[i][1].metrics) for i in outcome.accepted]
