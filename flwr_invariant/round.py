@@ -1,4 +1,6 @@
-"""One server round of invariant aggregation, shared by both strategy adapters.
+"""One server round: screen client updates, aggregate the valid ones, report.
+
+Shared by both strategy adapters and the numpy baselines.
 
 No Flower import: messages go to the ``"flwr"`` logger, which is Flower's own.
 """
@@ -17,7 +19,15 @@ import numpy as np
 from .aggregate import invariant_update, trim_count
 from .updates import screen_updates
 
-__all__ = ["BACKENDS", "InvariantConfig", "InvariantSettings", "RoundOutcome", "aggregate_round"]
+__all__ = [
+    "BACKENDS",
+    "Aggregator",
+    "InvariantConfig",
+    "InvariantSettings",
+    "RoundOutcome",
+    "aggregate_round",
+    "report_excluded",
+]
 
 LOGGER = logging.getLogger("flwr")
 BACKENDS = ("numpy", "torch", "auto")
@@ -63,6 +73,20 @@ class InvariantConfig:
             return invariant_update_torch
         return partial(invariant_update, num_threads=self.num_threads)
 
+    def aggregate(
+        self, global_weights: Sequence[np.ndarray], updates: list[list[np.ndarray]], labels: list[str]
+    ) -> tuple[list[np.ndarray], dict[str, float | int]]:
+        """An :data:`Aggregator`: one invariant step; metrics ``mask_fraction``, ``trim_count``."""
+        weights, mask_fraction = self.update_fn()(
+            global_weights,
+            updates,
+            tau=self.tau,
+            trim_ratio=self.trim_ratio,
+            server_learning_rate=self.server_learning_rate,
+        )
+        trimmed = trim_count(len(updates), self.trim_ratio)
+        return weights, {"mask_fraction": mask_fraction, "trim_count": trimmed}
+
 
 class InvariantSettings:
     """Mixin for a Flower strategy class: the Invariant Aggregator's keyword arguments.
@@ -107,52 +131,53 @@ class RoundOutcome:
     excluded: list[tuple[str, str]]
 
 
+# (global_weights, valid client updates, their labels) -> (new weights, metrics)
+Aggregator = Callable[
+    [Sequence[np.ndarray], list[list[np.ndarray]], list[str]],
+    tuple[list[np.ndarray], dict[str, float | int]],
+]
+
+
+def report_excluded(server_round: int, excluded: Iterable[tuple[str, str]]) -> None:
+    """One warning per excluded update, naming the client and the reason."""
+    for label, reason in excluded:
+        LOGGER.warning("round %s: excluded the update of client %s: %s", server_round, label, reason)
+
+
 def aggregate_round(
     server_round: int,
     global_weights: Sequence[np.ndarray],
     candidates: Iterable[tuple[str, Callable[[], Sequence[np.ndarray]]]],
-    config: InvariantConfig,
+    aggregate: Aggregator,
 ) -> RoundOutcome:
     """Screen the candidates, aggregate the valid ones, report what was excluded.
 
     ``candidates``: ``(client_label, decode)`` pairs, ``decode()`` giving that
-    client's arrays in the global model's order. Metrics: ``mask_fraction``,
-    ``num_excluded``, ``num_aggregated``, ``trim_count``.
+    client's arrays in the global model's order. Metrics: ``num_excluded``,
+    ``num_aggregated`` and those of ``aggregate``. No new weights when no update
+    is valid or the aggregate is not finite.
     """
+    candidates = list(candidates)
     screened = screen_updates(global_weights, candidates)
-    for label, reason in screened.excluded:
-        LOGGER.warning("round %s: excluded the update of client %s: %s", server_round, label, reason)
-    num_valid = len(screened.updates)
+    report_excluded(server_round, screened.excluded)
     metrics: dict[str, float | int] = {
-        "num_aggregated": num_valid,
+        "num_aggregated": len(screened.updates),
         "num_excluded": len(screened.excluded),
-        "mask_fraction": 0.0,
-        "trim_count": trim_count(num_valid, config.trim_ratio) if num_valid else 0,
     }
-    if not num_valid:
+    if not screened.updates:
         LOGGER.warning("round %s: no valid client update; the global model stays as it was", server_round)
         return RoundOutcome(None, metrics, screened.accepted, screened.excluded)
-    weights, mask_fraction = config.update_fn()(
-        global_weights,
-        screened.updates,
-        tau=config.tau,
-        trim_ratio=config.trim_ratio,
-        server_learning_rate=config.server_learning_rate,
-    )
+    labels = [candidates[i][0] for i in screened.accepted]
+    weights, aggregate_metrics = aggregate(global_weights, screened.updates, labels)
+    metrics.update(aggregate_metrics)
     if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
-        LOGGER.error(
-            "round %s: the aggregate overflowed to Inf (server_learning_rate=%s); "
-            "the global model stays as it was",
-            server_round,
-            config.server_learning_rate,
-        )
+        LOGGER.error("round %s: the aggregate is not finite; the global model stays as it was", server_round)
         return RoundOutcome(None, metrics, screened.accepted, screened.excluded)
-    metrics["mask_fraction"] = mask_fraction
     LOGGER.info(
-        "round %s: invariant aggregation of %d updates (%d excluded), mask kept %.1f%% of coordinates",
+        "round %s: aggregated %d updates (%d excluded): %s",
         server_round,
-        num_valid,
+        len(screened.updates),
         len(screened.excluded),
-        100 * mask_fraction,
+        ", ".join(f"{key}={value:.4g}" for key, value in aggregate_metrics.items()),
     )
     return RoundOutcome(weights, metrics, screened.accepted, screened.excluded)

@@ -83,7 +83,7 @@ class InvariantAggregation(InvariantSettings, FedAvg):
         candidates = [
             (proxy.cid, partial(_decode_parameters, fit_res.parameters)) for proxy, fit_res in results
         ]
-        outcome = aggregate_round(server_round, global_weights, candidates, self.invariant_config)
+        outcome = aggregate_round(server_round, global_weights, candidates, self.invariant_config.aggregate)
         metrics: dict[str, Scalar] = {**outcome.metrics, "num_failures": len(failures)}
         if self.fit_metrics_aggregation_fn and outcome.accepted:
             fit_metrics = [(results[i][1].num_examples, results[i][1].metrics) for i in outcome.accepted]
