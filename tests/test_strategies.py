@@ -1,64 +1,20 @@
 """Both strategy adapters on real Flower records: agreement, Flower baselines, bad input."""
 
-import io
 import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg, FedTrimmedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 import flwr_invariant.serverapp as message_api
 from flwr_invariant import InvariantAggregation
 from flwr_invariant.aggregate import invariant_update
 
+from .helpers import Proxy, legacy_round, message_round, npy_bytes, reply_content
 
-class Proxy(ClientProxy):
-    """Identity only: aggregate_fit reads nothing but ``cid`` from a proxy."""
-
-    def get_properties(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_parameters(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def fit(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def evaluate(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def reconnect(self, *args, **kwargs):
-        raise NotImplementedError
-
-
-class NodeList:
-    """The part of a ``Grid`` that ``FedAvg.configure_train`` uses."""
-
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return self.node_ids
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages outside a running app need a run id, as inside a ServerApp."""
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
-@pytest.fixture
-def flwr_logs(caplog):
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def make_model(rng, num_clients=10):
@@ -76,55 +32,6 @@ def make_model(rng, num_clients=10):
         for i in range(num_clients)
     ]
     return global_weights, clients
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=True)
-    return buffer.getvalue()
-
-
-def legacy_round(strategy, global_weights, client_tensors, failures=()):
-    """configure_fit then aggregate_fit; ``client_tensors``: per client, lists of .npy bytes."""
-    manager = SimpleClientManager()
-    proxies = [Proxy(f"client-{i}") for i in range(len(client_tensors))]
-    for proxy in proxies:
-        manager.register(proxy)
-    strategy.configure_fit(1, ndarrays_to_parameters(global_weights), manager)
-    results = [
-        (proxy, FitRes(Status(Code.OK, ""), Parameters(tensors, "numpy.ndarray"), 10 + i, {"loss": float(i)}))
-        for i, (proxy, tensors) in enumerate(zip(proxies, client_tensors, strict=True))
-    ]
-    parameters, metrics = strategy.aggregate_fit(1, results, list(failures))
-    return (None if parameters is None else parameters_to_ndarrays(parameters)), metrics
-
-
-def message_round(strategy, global_weights, client_contents, error_nodes=()):
-    """configure_train then aggregate_train; ``client_contents``: per client, a RecordDict."""
-    node_ids = [100 + i for i in range(len(client_contents))]
-    strategy.configure_train(1, ArrayRecord(global_weights), _config(), NodeList(node_ids))
-    replies = []
-    for node_id, content in zip(node_ids, client_contents, strict=True):
-        instruction = Message(RecordDict({}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-        replies.append(Message(content, reply_to=instruction))
-    for node_id in error_nodes:
-        instruction = Message(RecordDict({}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-        replies.append(Message(Error(code=1, reason="client crashed"), reply_to=instruction))
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    return (None if arrays is None else arrays.to_numpy_ndarrays()), metrics
-
-
-def _config():
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord({})
-
-
-def reply_content(arrays: list, num_examples: int = 10) -> RecordDict:
-    record = ArrayRecord({str(i): a if isinstance(a, Array) else Array(a) for i, a in enumerate(arrays)})
-    return RecordDict(
-        {"arrays": record, "metrics": MetricRecord({"num-examples": num_examples, "loss": 1.0})}
-    )
 
 
 def run_both_apis(global_weights, clients, **kwargs):

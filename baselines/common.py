@@ -1,0 +1,46 @@
+"""Numpy helpers shared by the baselines: flat pseudo-gradients and one server step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from flwr_invariant.aggregate import coordinate_median
+
+__all__ = ["apply_step", "flat_pseudo_gradients"]
+
+
+def flat_pseudo_gradients(
+    global_weights: Sequence[np.ndarray], updates: Sequence[Sequence[np.ndarray]]
+) -> np.ndarray:
+    """``g_i = w - w_i`` over the floating layers, flattened: shape ``(N, P)``, float32."""
+    float_layers = [i for i, w in enumerate(global_weights) if w.dtype.kind == "f"]
+    size = sum(global_weights[i].size for i in float_layers)
+    stacked = np.empty((len(updates), size), dtype=np.float32)
+    for row, update in zip(stacked, updates, strict=True):
+        offset = 0
+        for i in float_layers:
+            n = global_weights[i].size
+            np.subtract(np.ravel(global_weights[i]), np.ravel(update[i]), out=row[offset : offset + n])
+            offset += n
+    return stacked
+
+
+def apply_step(
+    global_weights: Sequence[np.ndarray], updates: Sequence[Sequence[np.ndarray]], step: np.ndarray
+) -> list[np.ndarray]:
+    """``w - step`` on the floating layers (``step``: flat, as ``flat_pseudo_gradients``);
+    non-floating layers take the lower coordinate-wise median of the clients' values."""
+    new_weights = []
+    offset = 0
+    for i, w in enumerate(global_weights):
+        if w.dtype.kind == "f":
+            layer_step = step[offset : offset + w.size].reshape(w.shape)
+            new_weights.append((w - layer_step).astype(w.dtype))
+            offset += w.size
+        else:
+            new_weights.append(
+                coordinate_median(np.stack([np.asarray(u[i], dtype=w.dtype) for u in updates]))
+            )
+    return new_weights

@@ -1,0 +1,83 @@
+"""Every defense by name: ``name -> (Message API strategy class, keyword arguments)``.
+
+A factory reads the run config (hyphenated keys as in the simulation app) and
+returns the class with its defense-specific keyword arguments; the caller adds
+``FedAvg``'s sampling arguments. ``f``, the number of malicious clients a
+defense assumes per round, is ``round(malicious-fraction * clients-per-round)``
+unless ``assumed-malicious`` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flwr_invariant.serverapp
+
+from .flain import FLAIN
+from .flame import FLAME
+from .flower_builtin import (
+    KrumTrimmedMean,
+    ScreenedFedAvg,
+    ScreenedKrum,
+    ScreenedMedian,
+    ScreenedMultiKrum,
+    ScreenedTrimmedMean,
+)
+from .foolsgold import FoolsGold
+from .krum import MultiKrumCosine
+from .rfa import RFA
+from .signsgd import SignSGD
+from .sparsefed import SparseFed
+from .weak_dp import WeakDP
+
+__all__ = ["DEFENSES", "assumed_malicious", "defense_names"]
+
+DefenseFactory = Callable[[Mapping[str, Any]], tuple[type, dict[str, Any]]]
+
+
+def assumed_malicious(config: Mapping[str, Any]) -> int:
+    """``f``: ``assumed-malicious`` if set (>= 0), else ``round(fraction * per round)``."""
+    assumed = int(config.get("assumed-malicious", -1))
+    if assumed >= 0:
+        return assumed
+    return round(float(config.get("malicious-fraction", 0.0)) * int(config.get("clients-per-round", 10)))
+
+
+def _invariant(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    kwargs = {
+        "tau": config.get("tau", 0.6),
+        "trim_ratio": config.get("trim-ratio", 0.45),
+        "server_learning_rate": config.get("server-learning-rate", 1.0),
+    }
+    return flwr_invariant.serverapp.InvariantAggregation, kwargs
+
+
+def _multi_krum(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    f = assumed_malicious(config)
+    selected = max(1, int(config.get("clients-per-round", 10)) - f)
+    return ScreenedMultiKrum, {"num_malicious_nodes": f, "num_nodes_to_select": selected}
+
+
+DEFENSES: dict[str, DefenseFactory] = {
+    "fedavg": lambda config: (ScreenedFedAvg, {}),
+    "invariant": _invariant,
+    "krum": lambda config: (ScreenedKrum, {"num_malicious_nodes": assumed_malicious(config)}),
+    "multi-krum": _multi_krum,
+    "multi-krum-cosine": lambda config: (MultiKrumCosine, {"num_malicious_nodes": assumed_malicious(config)}),
+    "trimmed-mean": lambda config: (ScreenedTrimmedMean, {"beta": 0.2}),
+    "median": lambda config: (ScreenedMedian, {}),
+    "krum-trimmed-mean": lambda config: (KrumTrimmedMean, {"num_malicious_nodes": assumed_malicious(config)}),
+    "sign-sgd": lambda config: (SignSGD, {"server_learning_rate": 1e-3}),
+    "weak-dp": lambda config: (WeakDP, {"seed": int(config.get("seed", 0))}),
+    "foolsgold": lambda config: (FoolsGold, {}),
+    "rfa": lambda config: (RFA, {}),
+    "sparsefed": lambda config: (SparseFed, {}),
+    "flame": lambda config: (FLAME, {"seed": int(config.get("seed", 0))}),
+    "flain": lambda config: (FLAIN, {}),
+}
+
+
+def defense_names() -> list[str]:
+    """The valid ``defense`` names."""
+    return list(DEFENSES)

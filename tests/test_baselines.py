@@ -1,0 +1,203 @@
+"""Every baseline on small inputs whose right answer is known by hand, through real Flower records."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+import baselines
+from baselines.flain import FlainRepair, flip_low_activation_updates, rescale_to_norm
+from baselines.flame import flame_admitted, flame_step
+from baselines.foolsgold import foolsgold_weights
+from baselines.krum import krum_scores, select_multi_krum
+from baselines.rfa import geometric_median
+from baselines.signsgd import majority_vote
+from baselines.sparsefed import SparseFed, clip_rows, top_k_indices
+
+from .helpers import message_round, reply_content
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+GLOBAL = [np.zeros(3, dtype=np.float32), np.array(5, dtype=np.int64)]
+
+
+def run(name, client_vectors, config=None, **kwargs):
+    """One Message API round of defense ``name``; clients return ``GLOBAL - g`` for each g."""
+    cls, defaults = baselines.DEFENSES[name]({"clients-per-round": len(client_vectors), **(config or {})})
+    strategy = cls(**{**defaults, **kwargs})
+    contents = [reply_content([np.asarray(GLOBAL[0] - np.float32(g)), GLOBAL[1]]) for g in client_vectors]
+    weights, metrics = message_round(strategy, GLOBAL, contents)
+    return (None if weights is None else GLOBAL[0] - weights[0]), metrics, strategy
+
+
+HONEST = [[1.0, 1.0, 0.0], [1.1, 0.9, 0.1], [0.9, 1.1, -0.1], [1.0, 1.05, 0.05], [1.05, 0.95, 0.0]]
+OUTLIER = [[-30.0, 40.0, 50.0]]
+
+
+def test_registry_names_every_defense_of_the_issue():
+    assert set(baselines.defense_names()) == {
+        "fedavg", "invariant", "krum", "multi-krum", "multi-krum-cosine", "trimmed-mean", "median",
+        "krum-trimmed-mean", "sign-sgd", "weak-dp", "foolsgold", "rfa", "sparsefed", "flame", "flain",
+    }  # fmt: skip
+    assert baselines.assumed_malicious({"malicious-fraction": 0.2, "clients-per-round": 20}) == 4
+    assert baselines.assumed_malicious({"assumed-malicious": 1, "clients-per-round": 20}) == 1
+
+
+def test_krum_picks_the_update_with_the_smallest_score():
+    vectors = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [10.0, 10.0]])
+    # f = 1: each score sums squared distances to the N - f - 2 = 2 nearest others.
+    scores = krum_scores(vectors, num_malicious=1)
+    np.testing.assert_allclose(scores[3], 0.5 + 0.5)  # (0.5, 0.5) is 0.5 from three points
+    assert select_multi_krum(vectors, 1, 1)[0] == 3
+    step, metrics, _ = run("krum", [*HONEST, *OUTLIER], {"assumed-malicious": 1})
+    chosen = int(np.argmin(krum_scores(np.array([*HONEST, *OUTLIER]), 1)))
+    np.testing.assert_allclose(step, HONEST[chosen], atol=1e-6)
+
+
+def test_multi_krum_excludes_the_outlier_euclidean_and_cosine():
+    for name in ("multi-krum", "multi-krum-cosine"):
+        step, _, _ = run(name, [*HONEST, *OUTLIER], {"assumed-malicious": 1})
+        np.testing.assert_allclose(step, np.mean(HONEST, axis=0), atol=1e-5)
+    # Cosine ignores scale: a scaled honest direction is kept, an opposite one is not.
+    vectors = np.array([[1.0, 0.0], [2.0, 0.1], [5.0, -0.1], [-1.0, 0.0]])
+    assert 3 not in select_multi_krum(vectors, 1, 3, metric="cosine")
+
+
+def test_trimmed_mean_and_median():
+    step, _, _ = run("trimmed-mean", [*HONEST, *OUTLIER])  # beta 0.2 of 6: int(1.2) = 1 per tail
+    expected = np.sort(np.array([*HONEST, *OUTLIER]), axis=0)[1:5].mean(axis=0)
+    np.testing.assert_allclose(step, expected, atol=1e-6)
+    step, _, _ = run("median", [[1.0, 5.0, 0.0], [2.0, 4.0, 0.0], [30.0, -9.0, 0.0]])
+    np.testing.assert_allclose(step, [2.0, 4.0, 0.0])
+
+
+def test_krum_trimmed_mean_drops_the_outlier():
+    clients = [[float(v), 0.0, 0.0] for v in (1, 2, 3, 4, 5, 6)] + [[100.0, 0.0, 0.0]]
+    step, _, _ = run("krum-trimmed-mean", clients, {"assumed-malicious": 1})  # N = 7 = 4f + 3
+    assert 2.0 <= step[0] <= 5.0
+
+
+def test_sign_sgd_majority_vote():
+    vectors = np.array([[0.5, -2.0, 0.0], [3.0, -0.1, 1.0], [-100.0, 1.0, -1.0]])
+    np.testing.assert_array_equal(majority_vote(vectors), [1.0, -1.0, 0.0])
+    step, _, _ = run("sign-sgd", vectors)
+    np.testing.assert_allclose(step, [1e-3, -1e-3, 0.0], atol=1e-9)
+
+
+def test_weak_dp_clips_each_update_to_the_norm_bound():
+    clients = [[3.0, 4.0, 0.0], [0.3, 0.4, 0.0], [0.0, 0.0, 0.0]]  # norms 5, 0.5, 0
+    step, _, _ = run("weak-dp", clients, clipping_norm=1.0, noise_std=0.0)
+    np.testing.assert_allclose(step, (np.array([0.6, 0.8, 0]) + np.array([0.3, 0.4, 0])) / 3, atol=1e-6)
+    noisy, _, _ = run("weak-dp", clients, clipping_norm=1.0, noise_std=0.5)
+    assert not np.allclose(noisy, step)
+
+
+def test_foolsgold_down_weights_colluding_identical_updates():
+    sybil = [0.0, 0.0, 1.0]
+    histories = np.array([[1.0, 0.1, 0.0], [0.1, 1.0, 0.0], [-1.0, 0.0, 0.1], sybil, sybil, sybil])
+    weights = foolsgold_weights(histories)
+    assert np.all(weights[3:] == 0.0)
+    assert np.all(weights[:3] > 0.5)
+    step, metrics, strategy = run("foolsgold", [h.tolist() for h in histories], history_layer=0)
+    np.testing.assert_allclose(step, (weights[:3] / weights[:3].sum()) @ histories[:3], atol=1e-6)
+    assert len(strategy.histories) == 6  # one history per node id
+
+
+def test_rfa_geometric_median_resists_an_outlier():
+    collinear = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    median, _ = geometric_median(collinear, max_iterations=200, tolerance=0.0)
+    np.testing.assert_allclose(median, [1.0, 0.0], atol=1e-3)
+    step, metrics, _ = run("rfa", [*HONEST, *OUTLIER])
+    assert (
+        np.linalg.norm(step - np.mean(HONEST, axis=0)) < 1.0 < np.linalg.norm(np.mean([*HONEST, *OUTLIER], 0))
+    )
+    assert 1 <= metrics["weiszfeld_iterations"] <= 4
+
+
+def test_sparsefed_applies_top_k_and_keeps_the_rest_for_later():
+    np.testing.assert_allclose(
+        np.linalg.norm(clip_rows(np.array([[3.0, 4.0], [0.3, 0.4]]), 1.0), axis=1), [1, 0.5]
+    )
+    assert set(top_k_indices(np.array([0.1, -5.0, 2.0]), 2).tolist()) == {1, 2}
+    strategy_kwargs = {"clipping_norm": 100.0, "top_k_fraction": 1 / 3}
+    step, _, strategy = run("sparsefed", [[3.0, 1.0, 0.5], [3.0, 1.0, 0.5]], **strategy_kwargs)
+    np.testing.assert_allclose(step, [3.0, 0.0, 0.0])
+    np.testing.assert_allclose(strategy.error_feedback, [0.0, 1.0, 0.5])
+    mean = np.array([0.0, 1.0, 0.5], dtype=np.float32)
+    step, _ = SparseFed.server_step(strategy, _round_updates(np.stack([mean, mean])))
+    np.testing.assert_allclose(step, [0.0, 2.0, 0.0])  # 1 carried over + 1 new
+
+
+def _round_updates(pseudo_gradients):
+    from baselines.numpy_strategy import RoundUpdates
+
+    size = pseudo_gradients.shape[1]
+    return RoundUpdates(2, pseudo_gradients, [1, 2], np.ones(2), [slice(0, size)], [(size,)], np.zeros(size))
+
+
+def test_flame_clusters_away_an_outlier_group_and_clips_to_the_median_norm():
+    rng = np.random.default_rng(0)
+    benign = np.array([1.0, 1.0, 0.0, 0.0]) + 0.05 * rng.standard_normal((6, 4))
+    attackers = np.array([-1.0, 0.0, 3.0, 3.0]) + 0.05 * rng.standard_normal((3, 4))
+    updates = np.vstack([benign, attackers]).astype(np.float32)
+    assert set(flame_admitted(updates).tolist()) == set(range(6))
+    step, admitted, bound = flame_step(updates, np.zeros(4, dtype=np.float32), 0.0, rng)
+    assert bound == pytest.approx(np.median(np.linalg.norm(updates, axis=1)))
+    scales = np.minimum(1.0, bound / np.linalg.norm(benign, axis=1))
+    np.testing.assert_allclose(step, (scales[:, None] * benign).mean(axis=0), atol=1e-5)
+    step, metrics, _ = run("flame", [*HONEST, *HONEST[:2], *OUTLIER * 2])
+    assert 5 <= metrics["num_admitted"] <= 7  # HDBSCAN may also leave out a benign straggler
+    assert np.linalg.norm(step - np.array([1.0, 1.0, 0.0])) < 0.2  # the outliers never enter
+
+
+def test_flain_flips_low_activation_columns_and_keeps_the_norm():
+    initial = np.zeros((2, 3), dtype=np.float32)
+    final = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=np.float32)
+    flipped, count = flip_low_activation_updates(initial, final, np.array([0.0, 0.5, 0.0005]), 0.001)
+    np.testing.assert_array_equal(flipped, [[-1.0, 2.0, -3.0], [-4.0, 5.0, -6.0]])
+    assert count == 2
+    assert np.linalg.norm(rescale_to_norm(flipped * 3, float(np.linalg.norm(final)))) == pytest.approx(
+        np.linalg.norm(final)
+    )
+
+
+def test_flain_repair_flips_a_dormant_backdoor_neuron_without_hurting_clean_accuracy():
+    torch.manual_seed(0)
+
+    def model_fn():
+        return nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+
+    model = model_fn()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        model[0].bias.copy_(torch.tensor([0.0, 0.0, -1.0]))  # neuron 2 never fires on clean data
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    initial = ArrayRecord(model.state_dict())
+    with torch.no_grad():  # training: clean neurons learn the task, neuron 2 a large backdoor push
+        model[2].weight.copy_(torch.tensor([[1.0, -1.0, -5.0], [-1.0, 1.0, 5.0]]))
+    final = ArrayRecord(model.state_dict())
+    points = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.5], [0.3, 1.5]])
+    labels = torch.tensor([0, 1, 0, 1])
+    repair = FlainRepair(model_fn, [(points, labels)], layer_name="2")
+    repaired, report = repair(initial, final)
+    weight = repaired.to_torch_state_dict()["2.weight"].numpy()
+    assert report["flain_flipped"] == 1 and report["flain_aux_accuracy_after"] == 1.0
+    scale = np.linalg.norm([[1, -1, -5], [-1, 1, 5]]) / np.linalg.norm([[1, -1, 5], [-1, 1, -5]])
+    np.testing.assert_allclose(weight, np.array([[1, -1, 5], [-1, 1, -5]]) * scale, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(baselines.DEFENSES))
+def test_every_defense_excludes_a_nan_update_and_survives(name, flwr_logs):
+    clients = [*HONEST, *HONEST[:2]]
+    contents = [reply_content([GLOBAL[0] - np.float32(g), GLOBAL[1]]) for g in clients]
+    contents.append(reply_content([np.full(3, np.nan, dtype=np.float32), GLOBAL[1]]))
+    cls, kwargs = baselines.DEFENSES[name]({"clients-per-round": 8, "assumed-malicious": 1})
+    weights, metrics = message_round(cls(**kwargs), GLOBAL, contents)
+    assert metrics["num_excluded"] == 1
+    assert weights is not None and np.isfinite(weights[0]).all()
+    assert any("node 107" in r.getMessage() and "NaN" in r.getMessage() for r in flwr_logs.records)
+    assert all(r.levelno < logging.ERROR for r in flwr_logs.records)
