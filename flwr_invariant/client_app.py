@@ -1,0 +1,109 @@
+"""Flower ``ClientApp`` (Message API) for the simulation tasks: benign and malicious clients.
+
+One app for every client: its partition (``context.node_config["partition-id"]``)
+and the run config decide whether it trains benignly or runs the configured
+backdoor attack (see :mod:`simulation.attacks`). Replies carry the trained
+weights as an ``ArrayRecord`` under ``"arrays"`` and a ``MetricRecord`` under
+``"metrics"`` with ``num-examples``, ``train_loss``, ``attacker`` (0/1; a
+simulation label, ignored by the strategies) and ``update_norm``.
+
+``app`` reads its settings from the run config (``flwr run``);
+:func:`make_client_app` bakes in overrides (for ``run_simulation``, which has
+no run config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+__all__ = ["app", "make_client_app", "partition_of"]
+
+
+def partition_of(context: Context, config: Mapping[str, Any]) -> int:
+    """This node's partition id; checks ``num-partitions`` against the run config.
+
+    Raises ``ValueError`` naming the key when ``partition-id`` is missing or the
+    node's ``num-partitions`` differs from the run config's.
+    """
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("node config has no 'partition-id' (set it with --node-config 'partition-id=N')")
+    nodes = int(node.get("num-partitions", config["num-partitions"]))
+    if nodes != config["num-partitions"]:
+        raise ValueError(
+            f"node config 'num-partitions' ({nodes}) differs from run config 'num-partitions' "
+            f"({config['num-partitions']}); start as many SuperNodes as partitions"
+        )
+    return int(node["partition-id"])
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ``ClientApp`` whose run config is ``DEFAULTS | context.run_config | overrides``."""
+    client_app = ClientApp()
+
+    def settings(context: Context) -> dict[str, Any]:
+        from simulation.config import resolve_config
+
+        return resolve_config(context.run_config, overrides)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from simulation.training import local_update
+
+        config = settings(context)
+        server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        result = local_update(
+            config, partition_of(context, config), server_round, msg.content["arrays"].to_torch_state_dict()
+        )
+        metrics = MetricRecord(
+            {
+                "num-examples": result.num_examples,
+                "train_loss": result.train_loss,
+                "attacker": int(result.attacking),
+                "update_norm": result.update_norm,
+            }
+        )
+        content = RecordDict({"arrays": ArrayRecord(result.state_dict), "metrics": metrics})
+        return Message(content=content, reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Accuracy and loss of the received model on this client's (clean) partition."""
+        import torch
+
+        from simulation.data import load_partitions, load_task
+        from simulation.models import get_device
+        from simulation.training import evaluate as evaluate_model
+        from simulation.training import model_for
+
+        config = settings(context)
+        task = load_task(config)
+        rows = torch.from_numpy(load_partitions(config)[partition_of(context, config)])
+        model = model_for(task, config)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        loss, acc = evaluate_model(
+            model,
+            task.train_x[rows],
+            task.train_y[rows],
+            task.preprocess,
+            config["eval-batch-size"],
+            get_device(config["device"]),
+        )
+        metrics = MetricRecord({"num-examples": len(rows), "eval_loss": loss, "eval_acc": acc})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Reply with this node's ``partition-id`` (the ServerApp maps partitions to nodes)."""
+        config = settings(context)
+        record = MetricRecord({"partition-id": partition_of(context, config)})
+        return Message(content=RecordDict({"metrics": record}), reply_to=msg)
+
+    return client_app
+
+
+app = make_client_app()

@@ -1,0 +1,10 @@
+"""Simulation side of flwr-invariant: tasks, partitions, models, attacks, apps and runner.
+
+Modules: ``config`` (run-config defaults and validation), ``data`` (CIFAR-10 +
+Southwest, Fashion-MNIST + ARDIS, the linear task), ``partition`` (seeded IID /
+Dirichlet splits, the malicious pool), ``models``, ``attacks`` (edge-case and
+pixel backdoors, PGD, model replacement), ``training`` (loops, one client's
+round, the server-side ``evaluate_fn``), ``server_app`` (the ``ServerApp``),
+``compare`` (FedAvg vs Invariant runner), ``download`` (edge-case files with
+sha256 checks), ``safe_pickle`` (restricted unpickler).
+"""

@@ -1,0 +1,232 @@
+"""Run-config keys of the simulation apps: their defaults (in one place) and validation.
+
+Keys use Flower's hyphenated style; a ``[tool.flwr.app.config]`` table can mirror
+:data:`DEFAULTS` one to one. ``"auto"`` / ``-1`` values are filled in per task by
+:func:`resolve_config` (e.g. ``target-label = -1`` becomes 9 on CIFAR-10, 1 on
+Fashion-MNIST and on the linear task), so a table that copies :data:`DEFAULTS`
+keeps the per-task behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.common.logger import log
+
+__all__ = [
+    "ATTACKS",
+    "BACKDOORS",
+    "DATA_ROOT_ENV",
+    "DEFAULTS",
+    "DEFENSES",
+    "MODELS",
+    "PARTITIONS",
+    "SCHEDULES",
+    "TASKS",
+    "TASK_DEFAULTS",
+    "resolve_config",
+    "resolve_data_root",
+]
+
+DATA_ROOT_ENV = "FLWR_INVARIANT_DATA_ROOT"
+
+#: Every run-config key with its default value (type of the default = type of the key).
+DEFAULTS: dict[str, Any] = {
+    # experiment
+    "task": "fmnist",  # cifar10 | fmnist | linear
+    "defense": "invariant",  # fedavg | invariant (see simulation.server_app.DEFENSE_REGISTRY)
+    "num-server-rounds": 10,
+    "seed": 0,
+    "device": "auto",  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    "results-file": "",  # JSON file the ServerApp writes per-round metrics to ("" = none)
+    # defense settings (InvariantAggregation)
+    "tau": 0.6,
+    "trim-ratio": 0.45,
+    "server-learning-rate": 1.0,
+    # population and data
+    "data-root": "",  # "" = $FLWR_INVARIANT_DATA_ROOT
+    "download": False,  # let torchvision download CIFAR-10 if absent (needs network)
+    "num-partitions": 100,
+    "clients-per-round": 20,
+    "partition": "dirichlet",  # dirichlet | iid
+    "dirichlet-alpha": 0.5,
+    "train-size": 0,  # use a seeded random subset of this many training examples (0 = all)
+    # model and local training
+    "model": "auto",  # auto | resnet18 | resnet18-cifar | cnn | linear
+    "local-epochs": 1,
+    "batch-size": 64,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight-decay": 0.0,
+    "eval-batch-size": 512,
+    # attack
+    "attack": "blackbox",  # none | blackbox | pgd | pgd-replace
+    "backdoor": "edge-case",  # edge-case | pixel (BadNets-style trigger)
+    "attack-schedule": "pool",  # pool (fixed malicious pool) | every-k (one attacker every k rounds)
+    "malicious-fraction": 0.2,
+    "attack-every": 10,  # k of the every-k schedule
+    "attack-start-round": 1,  # attackers act from this round on (earlier: benign warm-up)
+    "target-label": -1,  # -1 = the task's default target
+    "edge-case-samples": 100,  # backdoor samples in the attacker's poisoned set
+    "clean-samples": 400,  # clean samples (from its own partition) in the poisoned set
+    "pgd-eps": 2.0,  # L2 radius of the PGD ball around the global model
+    "project-every": 10,  # PGD projection every this many optimizer steps (and at the end)
+    "replace-total-examples": 0,  # pgd-replace: examples per round; 0 = estimate (see attacks.py)
+    "trigger-size": 3,  # side of the pixel-pattern trigger square, in pixels
+    # linear task (paper Sec. 5)
+    "linear-features": 20,  # informative Gaussian features (plus one trigger feature)
+    "linear-train-size": 20000,
+    "linear-test-size": 2000,
+    "linear-signal": 0.3,  # class mean of each informative feature is +-signal
+    "linear-trigger": 4.0,  # mean mu_k of the trigger feature on the attacker's points
+}
+
+TASKS = ("cifar10", "fmnist", "linear")
+DEFENSES = ("fedavg", "invariant")
+MODELS = ("resnet18", "resnet18-cifar", "cnn", "linear")
+PARTITIONS = ("dirichlet", "iid")
+ATTACKS = ("none", "blackbox", "pgd", "pgd-replace")
+BACKDOORS = ("edge-case", "pixel")
+SCHEDULES = ("pool", "every-k")
+
+#: What ``"auto"`` / ``-1`` resolve to, per task.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cifar10": {"model": "resnet18-cifar", "target-label": 9},  # Southwest planes -> truck
+    "fmnist": {"model": "cnn", "target-label": 1},  # ARDIS 7s -> 1 ("trouser")
+    "linear": {"model": "linear", "target-label": 1},
+}
+
+_CHOICES = {
+    "task": TASKS,
+    "defense": DEFENSES,
+    "model": (*MODELS, "auto"),
+    "partition": PARTITIONS,
+    "attack": ATTACKS,
+    "backdoor": BACKDOORS,
+    "attack-schedule": SCHEDULES,
+}
+_POSITIVE_INT = (
+    "num-server-rounds",
+    "num-partitions",
+    "clients-per-round",
+    "local-epochs",
+    "batch-size",
+    "eval-batch-size",
+    "project-every",
+    "attack-every",
+    "attack-start-round",
+    "linear-features",
+    "linear-train-size",
+    "linear-test-size",
+    "trigger-size",
+)
+_NON_NEGATIVE_INT = ("seed", "train-size", "edge-case-samples", "clean-samples", "replace-total-examples")
+_NON_NEGATIVE_FLOAT = ("lr", "momentum", "weight-decay", "pgd-eps", "linear-signal")
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _cast(key: str, value: Any) -> Any:
+    default = DEFAULTS[key]
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"run config {key!r} must be {_TYPE_NAMES[type(default)]}, got {value!r}") from None
+
+
+def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Merge ``DEFAULTS`` with the given mappings (later wins), cast, resolve, validate.
+
+    Returns a new dict with every key of :data:`DEFAULTS`; ``"auto"`` / ``-1``
+    values are replaced by the task's defaults. Raises ``ValueError`` naming the
+    key for a wrong type, an unknown choice or a value out of range. Unknown keys
+    are kept and logged (they may belong to another app).
+    """
+    config: dict[str, Any] = dict(DEFAULTS)
+    for source in sources:
+        for key, value in (source or {}).items():
+            if key in DEFAULTS:
+                config[key] = _cast(key, value)
+            else:
+                log(WARNING, "run config: unknown key %r ignored by the simulation apps", key)
+    for key, choices in _CHOICES.items():
+        if config[key] not in choices:
+            raise ValueError(f"run config {key!r} must be one of {', '.join(choices)}; got {config[key]!r}")
+    for key in _POSITIVE_INT:
+        if config[key] < 1:
+            raise ValueError(f"run config {key!r} must be >= 1, got {config[key]!r}")
+    for key in _NON_NEGATIVE_INT:
+        if config[key] < 0:
+            raise ValueError(f"run config {key!r} must be >= 0, got {config[key]!r}")
+    for key in _NON_NEGATIVE_FLOAT:
+        if not (math.isfinite(config[key]) and config[key] >= 0):
+            raise ValueError(f"run config {key!r} must be a finite number >= 0, got {config[key]!r}")
+    if not 0.0 <= config["malicious-fraction"] <= 1.0:
+        raise ValueError(
+            f"run config 'malicious-fraction' must be in [0, 1], got {config['malicious-fraction']!r}"
+        )
+    if not config["dirichlet-alpha"] > 0:
+        raise ValueError(f"run config 'dirichlet-alpha' must be > 0, got {config['dirichlet-alpha']!r}")
+    if config["lr"] <= 0:
+        raise ValueError(f"run config 'lr' must be > 0, got {config['lr']!r}")
+    if config["clients-per-round"] > config["num-partitions"]:
+        raise ValueError(
+            f"run config 'clients-per-round' ({config['clients-per-round']}) exceeds "
+            f"'num-partitions' ({config['num-partitions']})"
+        )
+    task_defaults = TASK_DEFAULTS[config["task"]]
+    if config["model"] == "auto":
+        config["model"] = task_defaults["model"]
+    if config["target-label"] == -1:
+        config["target-label"] = task_defaults["target-label"]
+    num_classes = 2 if config["task"] == "linear" else 10
+    if not 0 <= config["target-label"] < num_classes:
+        raise ValueError(
+            f"run config 'target-label' must be in [0, {num_classes}) for task "
+            f"{config['task']!r}, got {config['target-label']!r}"
+        )
+    if config["task"] == "linear" and config["model"] != "linear":
+        raise ValueError(f"run config 'model' must be 'linear' for task 'linear', got {config['model']!r}")
+    if config["task"] != "linear" and config["model"] == "linear":
+        raise ValueError(f"run config 'model' 'linear' only fits task 'linear', not {config['task']!r}")
+    if config["task"] == "linear" and config["backdoor"] == "pixel":
+        raise ValueError("run config 'backdoor' = 'pixel' needs an image task, not 'linear'")
+    return config
+
+
+def resolve_data_root(config: Mapping[str, Any]) -> Path:
+    """The data root: ``data-root``, else ``$FLWR_INVARIANT_DATA_ROOT``; must exist.
+
+    Raises ``FileNotFoundError`` naming the setting when neither is set or the
+    directory is missing.
+    """
+    root = str(config.get("data-root") or os.environ.get(DATA_ROOT_ENV, ""))
+    if not root:
+        raise FileNotFoundError(
+            f"no data root: set run config 'data-root' or the environment variable {DATA_ROOT_ENV}"
+        )
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"run config 'data-root' {str(path)!r} is not a directory")
+    return path

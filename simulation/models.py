@@ -1,0 +1,73 @@
+"""Models: torchvision's ResNet-18 (optionally with the CIFAR stem), a small CNN, a linear model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SmallCNN", "build_model", "get_device"]
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks + two dense layers, fast on CPU.
+
+    Input ``(B, C, H, W)`` with H, W divisible by 4 (28 or 32); output logits
+    ``(B, num_classes)``. No BatchNorm, so every state entry is a trainable weight.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * (image_size // 4) ** 2, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised image batch."""
+        return self.classifier(self.features(x))
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, num_features: int = 0
+) -> nn.Module:
+    """A freshly initialised model.
+
+    ``"resnet18"``: ``torchvision.models.resnet18(num_classes=...)`` as is (ImageNet
+    stem); ``"resnet18-cifar"``: the same with the usual CIFAR stem (3x3 stride-1
+    ``conv1``, no max-pool); ``"cnn"``: :class:`SmallCNN`; ``"linear"``:
+    ``nn.Linear(num_features, num_classes)`` (logistic regression).
+    """
+    if name in ("resnet18", "resnet18-cifar"):
+        from torchvision.models import resnet18
+
+        model = resnet18(weights=None, num_classes=num_classes)
+        if in_channels != 3 or name == "resnet18-cifar":
+            stride, kernel = (1, 3) if name == "resnet18-cifar" else (2, 7)
+            model.conv1 = nn.Conv2d(in_channels, 64, kernel, stride=stride, padding=kernel // 2, bias=False)
+        if name == "resnet18-cifar":
+            model.maxpool = nn.Identity()
+        return model
+    if name == "cnn":
+        return SmallCNN(in_channels, image_size, num_classes)
+    if name == "linear":
+        if num_features < 1:
+            raise ValueError("model 'linear' needs num_features >= 1")
+        return nn.Linear(num_features, num_classes)
+    raise ValueError(f"run config 'model' must be one of resnet18, resnet18-cifar, cnn, linear; got {name!r}")
+
+
+def get_device(setting: str = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, else CPU; otherwise the named torch device."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)

@@ -1,0 +1,233 @@
+"""Local training and evaluation loops, one client's round, and the server-side evaluate_fn."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from logging import INFO
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from . import attacks
+from .data import TaskData, load_partitions, load_task
+from .models import build_model, get_device
+from .partition import attacker_partitions, is_attacking
+
+__all__ = [
+    "ClientResult",
+    "backdoor_accuracy",
+    "evaluate",
+    "local_update",
+    "make_evaluate_fn",
+    "model_for",
+    "predict",
+    "train",
+]
+
+Preprocess = Callable[[torch.Tensor], torch.Tensor]
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    preprocess: Preprocess,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    after_step: Callable[[int], None] | None = None,
+) -> float:
+    """Local SGD with cross-entropy; returns the mean training loss over all batches.
+
+    ``x``: model inputs before ``preprocess`` (uint8 images or float features),
+    ``y``: int64 labels. Batches are shuffled with ``seed``. ``after_step(k)`` is
+    called after the k-th optimizer step (k from 1), e.g. a PGD projection.
+    """
+    model.to(device).train()
+    loader = DataLoader(
+        TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    total, batches, step = 0.0, 0, 0
+    for _ in range(epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            loss = criterion(model(preprocess(xb.to(device))), yb.to(device))
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if after_step is not None:
+                after_step(step)
+            total += float(loss.detach())
+            batches += 1
+    return total / max(1, batches)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    preprocess: Preprocess,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, predicted labels)`` on the CPU for inputs ``x`` (N, ...)."""
+    model.to(device).eval()
+    logits = [model(preprocess(x[i : i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)]
+    out = torch.cat(logits) if logits else torch.empty(0)
+    return out, out.argmax(dim=1) if len(out) else torch.empty(0, dtype=torch.int64)
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    preprocess: Preprocess,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float]:
+    """``(mean cross-entropy loss, accuracy)`` of ``model`` on ``(x, y)``."""
+    logits, labels = predict(model, x, preprocess, batch_size, device)
+    loss = float(nn.functional.cross_entropy(logits, y)) if len(y) else 0.0
+    return loss, float((labels == y).float().mean()) if len(y) else 0.0
+
+
+def backdoor_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: int,
+    preprocess: Preprocess,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Fraction of the backdoor inputs ``x`` that ``model`` classifies as ``target``."""
+    _, labels = predict(model, x, preprocess, batch_size, device)
+    return float((labels == target).float().mean()) if len(labels) else 0.0
+
+
+def model_for(task: TaskData, config: Mapping[str, Any]) -> nn.Module:
+    """A fresh model of run config ``model`` fitting ``task``'s inputs (seeded by ``seed``)."""
+    torch.manual_seed(config["seed"])
+    if task.is_image:
+        return build_model(config["model"], task.num_classes, task.train_x.shape[1], task.train_x.shape[-1])
+    return build_model(config["model"], task.num_classes, num_features=task.train_x.shape[1])
+
+
+@dataclass
+class ClientResult:
+    """One client's round: trained ``state_dict`` and its metrics."""
+
+    state_dict: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    attacking: bool
+    update_norm: float
+
+
+def local_update(
+    config: Mapping[str, Any], partition_id: int, server_round: int, global_state: Mapping[str, torch.Tensor]
+) -> ClientResult:
+    """Train the global model on partition ``partition_id``: benignly, or as the attacker.
+
+    Whether this partition attacks in ``server_round`` follows the run config
+    (``malicious-fraction``, ``attack-schedule``, ``attack-every``, ``seed``);
+    ``attack = "none"`` makes every client benign.
+    """
+    task = load_task(config)
+    parts = load_partitions(config)
+    if not 0 <= partition_id < len(parts):
+        raise ValueError(f"partition-id {partition_id} is outside [0, num-partitions={len(parts)})")
+    device = get_device(config["device"])
+    model = model_for(task, config)
+    model.load_state_dict(global_state)
+    model.to(device)
+    reference = attacks.global_snapshot(model)
+    attackers = attacker_partitions(
+        config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
+    )
+    attacking = config["attack"] != "none" and is_attacking(
+        partition_id,
+        server_round,
+        attackers,
+        config["attack-schedule"],
+        config["attack-every"],
+        config["attack-start-round"],
+    )
+    seed = int(np.random.SeedSequence([config["seed"], partition_id, server_round]).generate_state(1)[0])
+    after_step = None
+    if attacking:
+        x, y, num_bad = attacks.poisoned_dataset(
+            task, parts[partition_id], config, np.random.default_rng(seed)
+        )
+        log(
+            INFO,
+            "partition %d attacks in round %d (%s, %d backdoor + %d clean samples)",
+            partition_id,
+            server_round,
+            config["attack"],
+            num_bad,
+            len(y) - num_bad,
+        )
+        if config["attack"] in ("pgd", "pgd-replace"):
+            after_step = attacks.pgd_hook(model, reference, config["pgd-eps"], config["project-every"])
+    else:
+        rows = torch.from_numpy(parts[partition_id])
+        x, y = task.train_x[rows], task.train_y[rows]
+    loss = train(
+        model,
+        x,
+        y,
+        task.preprocess,
+        epochs=config["local-epochs"],
+        batch_size=config["batch-size"],
+        lr=config["lr"],
+        momentum=config["momentum"],
+        weight_decay=config["weight-decay"],
+        device=device,
+        seed=seed,
+        after_step=after_step,
+    )
+    if attacking and config["attack"] in ("pgd", "pgd-replace"):
+        attacks.project_l2_(model, reference, config["pgd-eps"])
+    if attacking and config["attack"] == "pgd-replace":
+        attacks.scale_update_(model, reference, attacks.replacement_factor(config, len(task.train_y), len(y)))
+    norm = attacks.update_norm(model, reference)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return ClientResult(state, len(y), loss, attacking, norm)
+
+
+def make_evaluate_fn(config: Mapping[str, Any]) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Server-side ``evaluate_fn(server_round, arrays) -> MetricRecord`` for ``strategy.start``.
+
+    Metrics: ``acc_main`` (accuracy on the clean test set), ``loss`` (its mean
+    cross-entropy) and ``acc_backdoor`` (fraction of the backdoor test inputs
+    classified as ``target-label``; see :func:`simulation.attacks.backdoor_test_inputs`).
+    """
+    task = load_task(config)
+    backdoor_x = attacks.backdoor_test_inputs(task, config)
+    device = get_device(config["device"])
+    model = model_for(task, config)
+    batch = config["eval-batch-size"]
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(model, task.test_x, task.test_y, task.preprocess, batch, device)
+        acc_b = backdoor_accuracy(model, backdoor_x, config["target-label"], task.preprocess, batch, device)
+        return MetricRecord({"acc_main": acc, "acc_backdoor": acc_b, "loss": loss})
+
+    return evaluate_fn
