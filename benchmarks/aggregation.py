@@ -43,16 +43,20 @@ class Proxy(ClientProxy):
 
 
 def resnet18_round(num_clients: int, seed: int = 0):
-    """Global ResNet-18 (10 classes) weights and ``num_clients`` perturbed copies as FitRes."""
+    """Global ResNet-18 (10 classes) weights and ``num_clients`` updated copies as FitRes.
+
+    Update of client i: ``1e-3 * (shared + noise_i)``, both standard normal per value.
+    """
     rng = np.random.default_rng(seed)
     global_weights = [
         t.numpy().copy() for t in torchvision.models.resnet18(num_classes=10).state_dict().values()
     ]
+    shared = [rng.standard_normal(w.shape, dtype=np.float32) for w in global_weights]
     results = []
     for i in range(num_clients):
         weights = [
-            w + rng.standard_normal(w.shape, dtype=np.float32) * 1e-3 if w.dtype.kind == "f" else w
-            for w in global_weights
+            w + 1e-3 * (d + rng.standard_normal(w.shape, dtype=np.float32)) if w.dtype.kind == "f" else w
+            for w, d in zip(global_weights, shared, strict=True)
         ]
         fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), 500, {})
         results.append((Proxy(str(i)), fit_res))
