@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -121,6 +121,7 @@ def invariant_update(
     tau: float,
     trim_ratio: float,
     server_learning_rate: float = 1.0,
+    median_layers: Collection[int] = (),
     num_threads: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[list[np.ndarray], float]:
@@ -128,18 +129,19 @@ def invariant_update(
 
     Floating layers: ``g_i = w - w_i`` (formed chunk by chunk, never all at once),
     ``w' = w - server_learning_rate * masked_trimmed_mean(g)``. Non-floating
-    layers: the lower coordinate-wise median of the returned values.
+    layers, and those listed in ``median_layers`` (e.g. BatchNorm running
+    statistics): the lower coordinate-wise median of the returned values.
 
     Returns the new weights (dtypes and shapes of ``global_weights``) and the
-    mask fraction: kept floating coordinates / all floating coordinates
-    (1.0 if the model has none). Inputs are not modified.
+    mask fraction: kept coordinates / all coordinates of the invariant layers
+    (1.0 if there are none). Inputs are not modified.
     """
     engine = _ChunkEngine(len(client_weights), tau, trim_ratio, num_threads, chunk_bytes)
     float_jobs = []
     new_weights: list[np.ndarray | None] = []
     for index, reference in enumerate(global_weights):
         layer = [weights[index] for weights in client_weights]
-        if reference.dtype.kind == "f":
+        if reference.dtype.kind == "f" and index not in median_layers:
             float_jobs.append((layer, reference, server_learning_rate))
             new_weights.append(None)
         else:

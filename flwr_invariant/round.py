@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -74,15 +74,23 @@ class InvariantConfig:
         return partial(invariant_update, num_threads=self.num_threads)
 
     def aggregate(
-        self, global_weights: Sequence[np.ndarray], updates: list[list[np.ndarray]], labels: list[str]
+        self,
+        global_weights: Sequence[np.ndarray],
+        updates: list[list[np.ndarray]],
+        labels: list[str],
+        median_layers: Collection[int] = (),
     ) -> tuple[list[np.ndarray], dict[str, float | int]]:
-        """An :data:`Aggregator`: one invariant step; metrics ``mask_fraction``, ``trim_count``."""
+        """An :data:`Aggregator`: one invariant step; metrics ``mask_fraction``, ``trim_count``.
+
+        ``median_layers``: indices aggregated by coordinate-wise median instead.
+        """
         weights, mask_fraction = self.update_fn()(
             global_weights,
             updates,
             tau=self.tau,
             trim_ratio=self.trim_ratio,
             server_learning_rate=self.server_learning_rate,
+            median_layers=median_layers,
         )
         trimmed = trim_count(len(updates), self.trim_ratio)
         return weights, {"mask_fraction": mask_fraction, "trim_count": trimmed}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
@@ -31,6 +32,11 @@ class InvariantAggregation(InvariantSettings, ScreenedReplies, FedAvg):
     tau, trim_ratio, server_learning_rate, backend, num_threads
         As in :class:`flwr_invariant.InvariantAggregation` (defaults 0.6, 0.45,
         1.0, "numpy", CPU count).
+    median_keys : tuple of str (default: ("running_mean", "running_var"))
+        Floating arrays whose key ends with one of these are statistics, not
+        trained weights (PyTorch BatchNorm buffers by default): they take the
+        coordinate-wise median of the returned values instead of the masked
+        trimmed mean (the authors' code leaves them out of the aggregation).
     **fedavg_kwargs
         Any keyword argument of ``flwr.serverapp.strategy.FedAvg``
         (``fraction_train``, ``min_train_nodes``, ``train_metrics_aggr_fn``, ...).
@@ -39,6 +45,12 @@ class InvariantAggregation(InvariantSettings, ScreenedReplies, FedAvg):
     ``num_excluded``, ``num_aggregated``, ``num_failures`` and ``trim_count``,
     plus ``train_metrics_aggr_fn``'s over the aggregated replies.
     """
+
+    def __init__(
+        self, *, median_keys: tuple[str, ...] = ("running_mean", "running_var"), **kwargs: Any
+    ) -> None:
+        self.median_keys = tuple(median_keys)
+        super().__init__(**kwargs)
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
@@ -59,5 +71,7 @@ class InvariantAggregation(InvariantSettings, ScreenedReplies, FedAvg):
     ) -> tuple[list[np.ndarray], dict[str, float | int]]:
         """One invariant step on the valid updates, plus ``train_metrics_aggr_fn``'s metrics."""
         labels = [f"node {msg.metadata.src_node_id}" for msg in messages]
-        weights, metrics = self.invariant_config.aggregate(global_weights, updates, labels)
+        keys = list(self._global_arrays.keys())
+        median_layers = {i for i, key in enumerate(keys) if key.endswith(self.median_keys)}
+        weights, metrics = self.invariant_config.aggregate(global_weights, updates, labels, median_layers)
         return weights, {**metrics, **self.train_metrics(messages)}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from logging import ERROR, WARNING
+from typing import Any
 
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters
 from flwr.common.logger import log
@@ -44,6 +46,11 @@ class InvariantAggregation(InvariantSettings, FedAvg):
         when there is one).
     num_threads : int, optional
         Threads of the numpy backend (default: CPU count, at most 8).
+    median_indices : sequence of int (default: ())
+        Positions of floating arrays that are statistics rather than trained
+        weights (e.g. BatchNorm ``running_mean``/``running_var``): they take the
+        coordinate-wise median of the returned values instead of the masked
+        trimmed mean. (The Message API twin finds them by name.)
     **fedavg_kwargs
         Any keyword argument of ``flwr.server.strategy.FedAvg`` (``fraction_fit``,
         ``min_fit_clients``, ``evaluate_fn``, ``initial_parameters``, ...).
@@ -55,6 +62,10 @@ class InvariantAggregation(InvariantSettings, FedAvg):
     """
 
     _global_parameters: Parameters | None = None
+
+    def __init__(self, *, median_indices: Sequence[int] = (), **kwargs: Any) -> None:
+        self.median_indices = frozenset(median_indices)
+        super().__init__(**kwargs)
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
@@ -83,7 +94,8 @@ class InvariantAggregation(InvariantSettings, FedAvg):
         candidates = [
             (proxy.cid, partial(_decode_parameters, fit_res.parameters)) for proxy, fit_res in results
         ]
-        outcome = aggregate_round(server_round, global_weights, candidates, self.invariant_config.aggregate)
+        aggregate = partial(self.invariant_config.aggregate, median_layers=self.median_indices)
+        outcome = aggregate_round(server_round, global_weights, candidates, aggregate)
         metrics: dict[str, Scalar] = {**outcome.metrics, "num_failures": len(failures)}
         if self.fit_metrics_aggregation_fn and outcome.accepted:
             fit_metrics = [(results[i][1].num_examples, results[i][1].metrics) for i in outcome.accepted]

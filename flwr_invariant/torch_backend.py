@@ -7,7 +7,7 @@ which is fast on a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ def invariant_update_torch(
     tau: float,
     trim_ratio: float,
     server_learning_rate: float = 1.0,
+    median_layers: Collection[int] = (),
     device: str | None = None,
     chunk_bytes: int = 64 * DEFAULT_CHUNK_BYTES,
 ) -> tuple[list[np.ndarray], float]:
@@ -49,7 +50,7 @@ def invariant_update_torch(
     kept = total = 0
     for index, reference in enumerate(global_weights):
         layer = [weights[index] for weights in client_weights]
-        if reference.dtype.kind != "f":
+        if reference.dtype.kind != "f" or index in median_layers:
             stacked = np.stack([np.asarray(a, dtype=reference.dtype) for a in layer])
             new_weights.append(coordinate_median(stacked))
             continue

@@ -59,10 +59,18 @@ def legacy_round(strategy, global_weights, client_tensors, failures=()):
     return (None if parameters is None else parameters_to_ndarrays(parameters)), metrics
 
 
-def message_round(strategy, global_weights, client_contents, error_nodes=()):
-    """configure_train then aggregate_train; ``client_contents``: per client, a RecordDict."""
+def message_round(strategy, global_weights, client_contents, error_nodes=(), keys=None):
+    """configure_train then aggregate_train; ``client_contents``: per client, a RecordDict.
+
+    ``keys``: names of the global arrays (default "0", "1", ...).
+    """
     node_ids = [100 + i for i in range(len(client_contents))]
-    strategy.configure_train(1, ArrayRecord(global_weights), ConfigRecord({}), NodeList(node_ids))
+    arrays = (
+        ArrayRecord(dict(zip(keys, map(Array, global_weights), strict=True)))
+        if keys
+        else ArrayRecord(global_weights)
+    )
+    strategy.configure_train(1, arrays, ConfigRecord({}), NodeList(node_ids))
     replies = []
     for node_id, content in zip(node_ids, client_contents, strict=True):
         instruction = Message(RecordDict({}), dst_node_id=node_id, message_type=MessageType.TRAIN)
@@ -71,11 +79,14 @@ def message_round(strategy, global_weights, client_contents, error_nodes=()):
         instruction = Message(RecordDict({}), dst_node_id=node_id, message_type=MessageType.TRAIN)
         replies.append(Message(Error(code=1, reason="client crashed"), reply_to=instruction))
     arrays, metrics = strategy.aggregate_train(1, replies)
-    return (None if arrays is None else arrays.to_numpy_ndarrays()), metrics
+    return (None if arrays is None else [arrays[key].numpy() for key in (keys or arrays)]), metrics
 
 
-def reply_content(arrays: list, num_examples: int = 10) -> RecordDict:
-    record = ArrayRecord({str(i): a if isinstance(a, Array) else Array(a) for i, a in enumerate(arrays)})
+def reply_content(arrays: list, num_examples: int = 10, keys=None) -> RecordDict:
+    keys = keys or [str(i) for i in range(len(arrays))]
+    record = ArrayRecord(
+        {key: a if isinstance(a, Array) else Array(a) for key, a in zip(keys, arrays, strict=True)}
+    )
     return RecordDict(
         {"arrays": record, "metrics": MetricRecord({"num-examples": num_examples, "loss": 1.0})}
     )

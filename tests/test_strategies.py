@@ -246,3 +246,33 @@ def test_repr_and_fedavg_keywords_pass_through():
     assert strategy.fraction_fit == 0.2 and strategy.num_fit_clients(100) == (20, 2)
     message_strategy = message_api.InvariantAggregation(fraction_train=0.5, min_train_nodes=4)
     assert message_strategy.fraction_train == 0.5 and message_strategy.min_train_nodes == 4
+
+
+def test_batchnorm_statistics_take_the_median_in_both_apis():
+    rng = np.random.default_rng(9)
+    keys = ["conv.weight", "bn.running_mean", "bn.num_batches_tracked"]
+    global_weights = [
+        rng.standard_normal((4, 3)).astype(np.float32),
+        np.zeros(3, dtype=np.float32),
+        np.array(7, dtype=np.int64),
+    ]
+    clients = [
+        [global_weights[0] + 0.1 * rng.standard_normal((4, 3)).astype(np.float32),
+         np.float32([1.0, -2.0, 0.5]) * (i + 1), np.array(7 + i, dtype=np.int64)]
+        for i in range(5)
+    ]  # fmt: skip
+    contents = [reply_content(c, keys=keys) for c in clients]
+    message_weights, metrics = message_round(
+        message_api.InvariantAggregation(), global_weights, contents, keys=keys
+    )
+    legacy_weights, _ = legacy_round(
+        InvariantAggregation(median_indices=[1]), global_weights, [[npy_bytes(a) for a in c] for c in clients]
+    )
+    expected, mask_fraction = invariant_update(
+        global_weights, clients, tau=0.6, trim_ratio=0.45, median_layers={1}
+    )
+    np.testing.assert_array_equal(expected[1], np.float32([3.0, -6.0, 1.5]))  # median of (i + 1) multiples
+    for weights in (message_weights, legacy_weights):
+        for got, want in zip(weights, expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert metrics["mask_fraction"] == pytest.approx(mask_fraction)  # over conv.weight alone
