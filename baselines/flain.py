@@ -86,7 +86,7 @@ class FlainRepair:
         model.load_state_dict(final.to_torch_state_dict())
         layer_name = self.layer_name or next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
         layer = model.get_submodule(layer_name)
-        key = f"{layer_name}.weight"
+        key = f"{layer_name}.weight" if layer_name else "weight"
         initial_w = initial.to_torch_state_dict()[key].numpy()
         final_w = layer.weight.detach().cpu().numpy().copy()
         activations = self.mean_input_activations(model, layer)

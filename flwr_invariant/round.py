@@ -139,10 +139,10 @@ class RoundOutcome:
     excluded: list[tuple[str, str]]
 
 
-# (global_weights, valid client updates, their labels) -> (new weights, metrics)
+# (global_weights, valid client updates, their labels) -> (new weights or None, metrics)
 Aggregator = Callable[
     [Sequence[np.ndarray], list[list[np.ndarray]], list[str]],
-    tuple[list[np.ndarray], dict[str, float | int]],
+    tuple[list[np.ndarray] | None, dict[str, float | int]],
 ]
 
 
@@ -178,6 +178,9 @@ def aggregate_round(
     labels = [candidates[i][0] for i in screened.accepted]
     weights, aggregate_metrics = aggregate(global_weights, screened.updates, labels)
     metrics.update(aggregate_metrics)
+    if weights is None:
+        LOGGER.warning("round %s: the strategy produced no new weights; the global model stays", server_round)
+        return RoundOutcome(None, metrics, screened.accepted, screened.excluded)
     if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
         LOGGER.error("round %s: the aggregate is not finite; the global model stays as it was", server_round)
         return RoundOutcome(None, metrics, screened.accepted, screened.excluded)

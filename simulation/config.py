@@ -18,6 +18,10 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from baselines import defense_names
+
+DEFENSE_NAMES = defense_names()
+
 __all__ = [
     "ATTACKS",
     "BACKDOORS",
@@ -38,9 +42,9 @@ DATA_ROOT_ENV = "FLWR_INVARIANT_DATA_ROOT"
 #: Every run-config key with its default value (type of the default = type of the key).
 DEFAULTS: dict[str, Any] = {
     # experiment
-    "task": "fmnist",  # cifar10 | fmnist | linear
-    "defense": "invariant",  # fedavg | invariant (see simulation.server_app.DEFENSE_REGISTRY)
-    "num-server-rounds": 10,
+    "task": "linear",  # cifar10 | fmnist | linear
+    "defense": "invariant",  # any name of baselines.DEFENSES (fedavg, invariant, krum, ...)
+    "num-server-rounds": 30,
     "seed": 0,
     "device": "auto",  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     "results-file": "",  # JSON file the ServerApp writes per-round metrics to ("" = none)
@@ -48,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "tau": 0.6,
     "trim-ratio": 0.45,
     "server-learning-rate": 1.0,
+    "flain-aux-size": 500,  # FLAIN: clean training examples the server holds
+    "assumed-malicious": -1,  # f assumed by Krum & co.; -1 = round(malicious-fraction * clients-per-round)
     # population and data
     "data-root": "",  # "" = $FLWR_INVARIANT_DATA_ROOT
     "download": False,  # let torchvision download CIFAR-10 if absent (needs network)
@@ -60,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "model": "auto",  # auto | resnet18 | resnet18-cifar | cnn | linear
     "local-epochs": 1,
     "batch-size": 64,
-    "lr": 0.01,
+    "lr": -1.0,  # -1 = the task's default (0.01 on images as in the paper, 0.1 on the linear task)
     "momentum": 0.9,
     "weight-decay": 0.0,
     "eval-batch-size": 512,
@@ -87,7 +93,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 TASKS = ("cifar10", "fmnist", "linear")
-DEFENSES = ("fedavg", "invariant")
+DEFENSES = tuple(DEFENSE_NAMES)
 MODELS = ("resnet18", "resnet18-cifar", "cnn", "linear")
 PARTITIONS = ("dirichlet", "iid")
 ATTACKS = ("none", "blackbox", "pgd", "pgd-replace")
@@ -96,9 +102,9 @@ SCHEDULES = ("pool", "every-k")
 
 #: What ``"auto"`` / ``-1`` resolve to, per task.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cifar10": {"model": "resnet18-cifar", "target-label": 9},  # Southwest planes -> truck
-    "fmnist": {"model": "cnn", "target-label": 1},  # ARDIS 7s -> 1 ("trouser")
-    "linear": {"model": "linear", "target-label": 1},
+    "cifar10": {"model": "resnet18-cifar", "target-label": 9, "lr": 0.01},  # Southwest planes -> truck
+    "fmnist": {"model": "cnn", "target-label": 1, "lr": 0.01},  # ARDIS 7s -> 1 ("trouser")
+    "linear": {"model": "linear", "target-label": 1, "lr": 0.1},
 }
 
 _CHOICES = {
@@ -125,8 +131,15 @@ _POSITIVE_INT = (
     "linear-test-size",
     "trigger-size",
 )
-_NON_NEGATIVE_INT = ("seed", "train-size", "edge-case-samples", "clean-samples", "replace-total-examples")
-_NON_NEGATIVE_FLOAT = ("lr", "momentum", "weight-decay", "pgd-eps", "linear-signal")
+_NON_NEGATIVE_INT = (
+    "seed",
+    "flain-aux-size",
+    "train-size",
+    "edge-case-samples",
+    "clean-samples",
+    "replace-total-examples",
+)
+_NON_NEGATIVE_FLOAT = ("momentum", "weight-decay", "pgd-eps", "linear-signal")
 
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -188,8 +201,10 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
         )
     if not config["dirichlet-alpha"] > 0:
         raise ValueError(f"run config 'dirichlet-alpha' must be > 0, got {config['dirichlet-alpha']!r}")
-    if config["lr"] <= 0:
-        raise ValueError(f"run config 'lr' must be > 0, got {config['lr']!r}")
+    if config["lr"] == -1.0:
+        config["lr"] = TASK_DEFAULTS[config["task"]]["lr"]
+    if not (math.isfinite(config["lr"]) and config["lr"] > 0):
+        raise ValueError(f"run config 'lr' must be > 0 (or -1 for the task's default), got {config['lr']!r}")
     if config["clients-per-round"] > config["num-partitions"]:
         raise ValueError(
             f"run config 'clients-per-round' ({config['clients-per-round']}) exceeds "

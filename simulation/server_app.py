@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_invariant.serverapp import InvariantAggregation
+from baselines import DEFENSES
+from baselines.flain import FLAIN, FlainRepair
 
 from .config import resolve_config
 from .partition import attacker_partitions, is_attack_round
@@ -42,20 +44,8 @@ __all__ = [
     "app",
 ]
 
-StrategyFactory = Callable[[Mapping[str, Any]], tuple[type, dict[str, Any]]]
-
-#: defense name -> (Message API strategy class, its extra keyword arguments from the run config).
-DEFENSE_REGISTRY: dict[str, StrategyFactory] = {
-    "fedavg": lambda config: (FedAvg, {}),
-    "invariant": lambda config: (
-        InvariantAggregation,
-        {
-            "tau": config["tau"],
-            "trim_ratio": config["trim-ratio"],
-            "server_learning_rate": config["server-learning-rate"],
-        },
-    ),
-}
+#: defense name -> (Message API strategy class, its keyword arguments from the run config).
+DEFENSE_REGISTRY = DEFENSES
 
 
 class RoundSampler:
@@ -189,6 +179,24 @@ def discover_partitions(grid: Grid, num_partitions: int, timeout: float = 120.0)
     return node_of
 
 
+def flain_repair(task: Any, config: Mapping[str, Any]) -> FlainRepair:
+    """FLAIN's repair with ``flain-aux-size`` clean training examples held by the server.
+
+    The auxiliary examples are a seeded sample of the training pool (clients may
+    hold the same images, as a server's clean data would come from the same
+    distribution); never the test set that ``acc_main`` is measured on.
+    """
+    from .training import model_for
+
+    rng = np.random.default_rng([config["seed"], 0xF1A1])
+    count = min(config["flain-aux-size"], len(task.train_y))
+    chosen = torch.from_numpy(np.sort(rng.choice(len(task.train_y), count, replace=False)))
+    x, y = task.train_x[chosen], task.train_y[chosen]
+    batch = config["eval-batch-size"]
+    batches = [(task.preprocess(x[i : i + batch]), y[i : i + batch]) for i in range(0, count, batch)]
+    return FlainRepair(model_fn=lambda: model_for(task, config), aux_loader=batches)
+
+
 def run_experiment(grid: Grid, config: Mapping[str, Any]) -> dict[str, Any]:
     """Run one experiment on ``grid``; returns ``{"config": ..., "rounds": [per-round metrics]}``."""
     from .data import load_task
@@ -199,6 +207,8 @@ def run_experiment(grid: Grid, config: Mapping[str, Any]) -> dict[str, Any]:
     node_of = discover_partitions(grid, config["num-partitions"])
     sampler = RoundSampler(node_of, config)
     strategy = make_strategy(config, sampler)
+    if isinstance(strategy, FLAIN):
+        strategy.repair = flain_repair(task, config)
     evaluate_fn = make_evaluate_fn(config)
     result = strategy.start(
         grid=grid,
