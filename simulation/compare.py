@@ -28,32 +28,12 @@ def run_one(
 ) -> dict[str, Any]:
     """One simulation (``num-partitions`` SuperNodes); returns the ServerApp's per-round record.
 
-    ``num_gpus_per_client`` applies only when CUDA is available (else 0).
+    ``num_gpus_per_client`` applies only when a CUDA GPU is visible (else the CPU is used).
     """
-    import torch
-    from flwr.simulation import run_simulation
+    from .launcher import Resources, run, visible_gpus
 
-    from flwr_invariant.client_app import make_client_app
-
-    from .config import resolve_config
-    from .server_app import make_server_app
-
-    resolved = resolve_config(config)
-    records: list[dict[str, Any]] = []
-    gpus = num_gpus_per_client if torch.cuda.is_available() and resolved["device"] != "cpu" else 0.0
-    run_simulation(
-        server_app=make_server_app(dict(config), on_result=records.append),
-        client_app=make_client_app(dict(config)),
-        num_supernodes=resolved["num-partitions"],
-        backend_config={
-            "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": gpus},
-            "init_args": {"logging_level": "error", "log_to_driver": verbose},
-        },
-        verbose_logging=verbose,
-    )
-    if not records:
-        raise RuntimeError("the ServerApp finished without a result (see the log above)")
-    return records[0]
+    resources = Resources(num_cpus_per_client, num_gpus_per_client if visible_gpus() else 0.0)
+    return run(config, resources, progress=verbose, label=str(config.get("defense", "")))
 
 
 def compare(

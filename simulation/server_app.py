@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -197,8 +197,16 @@ def flain_repair(task: Any, config: Mapping[str, Any]) -> FlainRepair:
     return FlainRepair(model_fn=lambda: model_for(task, config), aux_loader=batches)
 
 
-def run_experiment(grid: Grid, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one experiment on ``grid``; returns ``{"config": ..., "rounds": [per-round metrics]}``."""
+def run_experiment(
+    grid: Grid, config: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run one experiment on ``grid``; returns ``{"config": ..., "rounds": [per-round metrics]}``.
+
+    Each round's row has ``round``, the server-side metrics (``acc_main``,
+    ``acc_backdoor``, ``loss``), ``seconds`` (wall time since the previous
+    evaluation), ``attackers_sampled`` and the strategy's metrics as ``train_*``.
+    ``on_round`` gets each evaluation row (without ``train_*``) as it happens.
+    """
     from .data import load_task
     from .training import make_evaluate_fn, model_for
 
@@ -209,17 +217,30 @@ def run_experiment(grid: Grid, config: Mapping[str, Any]) -> dict[str, Any]:
     strategy = make_strategy(config, sampler)
     if isinstance(strategy, FLAIN):
         strategy.repair = flain_repair(task, config)
-    evaluate_fn = make_evaluate_fn(config)
+    evaluate = make_evaluate_fn(config)
+    seconds: dict[int, float] = {}
+    clock = [time.monotonic()]
+
+    def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        metrics = evaluate(server_round, arrays)
+        now = time.monotonic()
+        seconds[server_round] = now - clock[0]
+        clock[0] = now
+        if on_round is not None:
+            on_round({"round": server_round, **dict(metrics), "seconds": seconds[server_round]})
+        return metrics
+
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=config["num-server-rounds"],
         train_config=ConfigRecord({}),
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=timed_evaluate,
     )
     rounds = []
     for server_round, metrics in sorted(result.evaluate_metrics_serverapp.items()):
         row: dict[str, Any] = {"round": server_round, **dict(metrics)}
+        row["seconds"] = seconds.get(server_round, 0.0)
         row["attackers_sampled"] = sampler.num_attackers(server_round)
         train_metrics = result.train_metrics_clientapp.get(server_round)
         if train_metrics is not None:
@@ -229,12 +250,14 @@ def run_experiment(grid: Grid, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_server_app(
-    overrides: Mapping[str, Any] | None = None, on_result: Callable[[dict[str, Any]], None] | None = None
+    overrides: Mapping[str, Any] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> ServerApp:
     """A ``ServerApp`` whose run config is ``DEFAULTS | context.run_config | overrides``.
 
-    ``on_result`` receives the per-round record when the run ends; run config
-    ``results-file`` (if set) gets it as JSON.
+    ``on_result`` receives the per-round record when the run ends (run config
+    ``results-file``, if set, gets it as JSON); ``on_round`` each evaluation row.
     """
     server_app = ServerApp()
 
@@ -242,7 +265,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         config = resolve_config(context.run_config, overrides)
         log(INFO, "simulation config: %s", {k: config[k] for k in ("task", "defense", "attack", "backdoor")})
-        record = run_experiment(grid, config)
+        record = run_experiment(grid, config, on_round)
         for row in record["rounds"]:
             log(
                 INFO,

@@ -1,0 +1,155 @@
+"""``python -m simulation`` (also ``flwr-invariant-sim``): run, grid, report, compare.
+
+    python -m simulation run --set task=linear defense=invariant --out runs/one
+    python -m simulation run --from runs/one/config.json          # repeat a run
+    python -m simulation grid configs/fmnist_defenses.toml
+    python -m simulation report results/fmnist
+    python -m simulation compare --task linear --rounds 30 --seeds 0 1 2
+
+Resource flags (run, grid): --cpus-per-client, --gpus-per-client (a share of
+one GPU such as 0.25, or "auto"), --concurrency, --ray-address, --allow-cpu-fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _add_resource_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("client resources (Ray)")
+    group.add_argument("--cpus-per-client", type=float, help="CPUs per virtual client (default 1)")
+    group.add_argument(
+        "--gpus-per-client", help="share of one GPU per client, e.g. 0.25, or 'auto' (default 0)"
+    )
+    group.add_argument(
+        "--concurrency", type=int, help="with --gpus-per-client auto: clients at once over all GPUs"
+    )
+    group.add_argument(
+        "--ray-address", help="attach to a running Ray cluster, e.g. 'auto' or 'ray://head:10001'"
+    )
+    group.add_argument("--allow-cpu-fallback", action="store_true", help="use the CPU when no GPU is visible")
+
+
+def _resources(args: argparse.Namespace, base: Any = None) -> Any:
+    from .launcher import Resources
+
+    resources = base or Resources()
+    given = {
+        "cpus_per_client": args.cpus_per_client,
+        "gpus_per_client": None if args.gpus_per_client is None else _share(args.gpus_per_client),
+        "concurrency": args.concurrency,
+        "ray_address": args.ray_address,
+        "allow_cpu_fallback": args.allow_cpu_fallback or None,
+    }
+    return replace(resources, **{k: v for k, v in given.items() if v is not None})
+
+
+def _share(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .config import DEFAULTS
+    from .grid import check_writable, resources_from, run_into
+
+    overrides: dict[str, Any] = {}
+    resources = None
+    if args.source:
+        saved = json.loads(Path(args.source).read_text())
+        overrides, resources = saved["overrides"], resources_from(saved["resources"], args.source)
+    overrides.update(_parse_sets(args.set))
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(f"unknown run-config key(s) {unknown} (see simulation/config.py)")
+    out = Path(args.out)
+    check_writable(out)
+    record = run_into(out, overrides, _resources(args, resources))
+    last = record["rounds"][-1]
+    print(
+        f"{out}: round {last['round']} acc_main {last['acc_main']:.4f} "
+        f"acc_backdoor {last['acc_backdoor']:.4f}"
+    )
+
+
+def _grid(args: argparse.Namespace) -> None:
+    from .grid import load_grid, run_grid
+
+    spec = load_grid(args.config)
+    if args.output:
+        spec.output = Path(args.output)
+    spec.resources = _resources(args, spec.resources)
+    run_dirs = run_grid(spec, progress=not args.no_progress)
+    print(f"{len(run_dirs)} runs in {spec.output}; report: python -m simulation report {spec.output}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    files = write_report(Path(args.results), Path(args.out) if args.out else None)
+    print(f"wrote {files.markdown}, {files.csv} and {len(files.plots)} plots")
+    print(files.markdown.read_text())
+    if files.skipped:
+        print(f"skipped {len(files.skipped)} run(s): {', '.join(files.skipped)}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run_parser = commands.add_parser("run", help="one experiment into a run directory")
+    run_parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config keys")
+    run_parser.add_argument("--from", dest="source", help="repeat the run of this config.json")
+    run_parser.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
+    _add_resource_flags(run_parser)
+
+    grid_parser = commands.add_parser("grid", help="defenses x attacks x seeds from a TOML/YAML file")
+    grid_parser.add_argument("config")
+    grid_parser.add_argument("--output", help="results directory (overrides the file's 'output')")
+    grid_parser.add_argument("--no-progress", action="store_true")
+    _add_resource_flags(grid_parser)
+
+    report_parser = commands.add_parser(
+        "report", help="Markdown/CSV table and PNG plots of a results directory"
+    )
+    report_parser.add_argument("results")
+    report_parser.add_argument("--out", help="where to write (default: the results directory)")
+
+    commands.add_parser(
+        "compare", help="FedAvg vs InvariantAggregation table (see simulation.compare)", add_help=False
+    )
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "compare":
+        from .compare import main as compare_main
+
+        compare_main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        {"run": _run, "grid": _grid, "report": _report}[args.command](args)
+    except (ValueError, PermissionError, FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Experiment grids: defenses x attacks x seeds from a TOML or YAML file, resumable.
+
+Each run writes ``OUTPUT/<defense>__<attack>__seed<seed>/``:
+
+- ``metrics.jsonl``: one JSON object per round (``round``, ``acc_main``,
+  ``acc_backdoor``, ``loss``, ``seconds``, ``attackers_sampled`` and the
+  strategy's own metrics as ``train_*``, e.g. ``train_mask_fraction``);
+- ``config.json``: the resolved run config, the client resources, the package
+  versions and ``completed``; ``python -m simulation run --from config.json``
+  repeats the run.
+
+A run whose ``config.json`` says ``completed`` is skipped when the grid runs
+again, so a crashed or interrupted grid resumes where it stopped.
+
+Grid file (TOML; YAML with the same keys works too)::
+
+    name = "fmnist-defenses"
+    output = "results/fmnist"          # relative to the current directory
+    defenses = ["fedavg", "invariant"]
+    attacks = ["blackbox"]             # values of the run-config key "attack"
+    seeds = [0, 1]
+
+    [base]                             # run-config keys shared by every run
+    task = "fmnist"
+    num-server-rounds = 20
+
+    [resources]                        # optional
+    cpus-per-client = 1
+    gpus-per-client = 0.25             # or "auto"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.common.logger import log
+
+from .config import DEFAULTS, resolve_config
+from .launcher import Resources, run
+
+__all__ = ["GridSpec", "load_grid", "run_grid", "run_into", "versions"]
+
+GRID_KEYS = ("name", "output", "defenses", "attacks", "seeds", "base", "resources")
+RESOURCE_KEYS = {
+    "cpus-per-client": "cpus_per_client",
+    "gpus-per-client": "gpus_per_client",
+    "concurrency": "concurrency",
+    "ray-address": "ray_address",
+    "allow-cpu-fallback": "allow_cpu_fallback",
+}
+
+
+@dataclass
+class GridSpec:
+    """A parsed grid file."""
+
+    name: str
+    output: Path
+    defenses: list[str]
+    attacks: list[str]
+    seeds: list[int]
+    base: dict[str, Any] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+
+    def runs(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(run name, run-config overrides)`` for every defense x attack x seed."""
+        return [
+            (
+                f"{defense}__{attack}__seed{seed}",
+                {**self.base, "defense": defense, "attack": attack, "seed": seed},
+            )
+            for defense in self.defenses
+            for attack in self.attacks
+            for seed in self.seeds
+        ]
+
+
+def resources_from(table: Mapping[str, Any], where: str) -> Resources:
+    """:class:`Resources` from hyphenated keys; unknown keys raise ``ValueError``."""
+    unknown = sorted(set(table) - set(RESOURCE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown resources key(s) {unknown}; valid: {sorted(RESOURCE_KEYS)}")
+    return Resources(**{RESOURCE_KEYS[k]: v for k, v in table.items()})
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Parse and check a grid file (``.toml``, ``.yaml`` or ``.yml``).
+
+    Raises ``ValueError`` naming an unknown key (top level, ``base`` or
+    ``resources``) or an invalid value (unknown defense, attack, task, ...),
+    before any training starts.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+    elif path.suffix == ".toml":
+        raw = tomllib.loads(text)
+    else:
+        raise ValueError(f"{path}: grid files are .toml, .yaml or .yml")
+    unknown = sorted(set(raw) - set(GRID_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {list(GRID_KEYS)}")
+    base = dict(raw.get("base", {}))
+    unknown = sorted(set(base) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{path}: unknown run-config key(s) in [base]: {unknown} (see simulation/config.py)")
+    spec = GridSpec(
+        name=str(raw.get("name", path.stem)),
+        output=Path(raw.get("output", Path("results") / path.stem)),
+        defenses=list(raw.get("defenses", ["fedavg", "invariant"])),
+        attacks=list(raw.get("attacks", [DEFAULTS["attack"]])),
+        seeds=[int(s) for s in raw.get("seeds", [0])],
+        base=base,
+        resources=resources_from(raw.get("resources", {}), f"{path} [resources]"),
+    )
+    for name, overrides in spec.runs():
+        try:
+            resolve_config(overrides)
+        except ValueError as error:
+            raise ValueError(f"{path}: run {name}: {error}") from None
+    return spec
+
+
+def versions() -> dict[str, str]:
+    """Python, platform, package versions and the git commit of this checkout (if any)."""
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("flwr-invariant", "flwr", "torch", "torchvision", "numpy", "ray", "scikit-learn"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        found["git-commit"] = commit.stdout.strip() if commit.returncode == 0 else "unknown"
+    except OSError:
+        found["git-commit"] = "unknown"
+    return found
+
+
+def _write_json(path: Path, value: Any) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1, default=float), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def run_into(
+    run_dir: Path, overrides: Mapping[str, Any], resources: Resources, grid: str = "", progress: bool = True
+) -> dict[str, Any]:
+    """One run into ``run_dir`` (``config.json`` + ``metrics.jsonl``); returns its record.
+
+    Rounds are appended to ``metrics.jsonl`` as they finish; at the end the file
+    is rewritten with the strategy's metrics added and ``config.json`` is marked
+    ``completed``.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "run": resolve_config(overrides),
+        "overrides": dict(overrides),
+        "resources": {key: getattr(resources, attr) for key, attr in RESOURCE_KEYS.items()},
+        "versions": versions(),
+        "grid": grid,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "completed": False,
+    }
+    _write_json(run_dir / "config.json", meta)
+    metrics_path = run_dir / "metrics.jsonl"
+    with metrics_path.open("w", encoding="utf-8") as stream:
+
+        def on_round(row: dict[str, Any]) -> None:
+            stream.write(json.dumps(row, default=float) + "\n")
+            stream.flush()
+
+        record = run(overrides, resources, progress=progress, label=run_dir.name, on_round=on_round)
+    temporary = metrics_path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(json.dumps(row, default=float) + "\n" for row in record["rounds"]))
+    os.replace(temporary, metrics_path)
+    _write_json(
+        run_dir / "config.json", {**meta, "completed": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    )
+    return record
+
+
+def is_completed(run_dir: Path) -> bool:
+    """Whether ``run_dir/config.json`` exists and says ``completed``."""
+    try:
+        return bool(json.loads((run_dir / "config.json").read_text())["completed"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` and write a probe file; ``PermissionError`` naming it otherwise."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"output directory {str(directory)!r} is not writable: {error}") from None
+
+
+def run_grid(spec: GridSpec, *, progress: bool = True) -> list[Path]:
+    """Run every not yet completed run of ``spec``; returns all run directories."""
+    check_writable(spec.output)
+    run_dirs = []
+    runs = spec.runs()
+    for index, (name, overrides) in enumerate(runs, start=1):
+        run_dir = spec.output / name
+        run_dirs.append(run_dir)
+        if is_completed(run_dir):
+            log(INFO, "[%d/%d] %s: completed earlier, skipped", index, len(runs), name)
+            continue
+        log(INFO, "[%d/%d] %s", index, len(runs), name)
+        run_into(run_dir, overrides, spec.resources, spec.name, progress)
+    return run_dirs

@@ -1,0 +1,318 @@
+"""Summarise a directory of experiment runs as a Markdown/CSV table (like the paper's Table 1) and PNG plots.
+
+Each run lives in ``RESULTS_DIR/<run-name>/`` with ``config.json`` (``{"run": {...}, "completed": ...}``) and
+``metrics.jsonl`` (one JSON object per round, round 0 being the initial model). Runs are grouped by
+``(task, attack, defense)``; the table shows the final round's ``acc_main``/``acc_backdoor`` as
+``mean ± std`` over seeds (population std, ``ddof=0``). Incomplete or unreadable runs are skipped and listed.
+
+Example::
+
+    from simulation.report import write_report
+    files = write_report(Path("results"))  # results/report.md, report.csv, acc_*__<task>__<attack>.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common.logger import log
+
+__all__ = ["METRICS", "ReportFiles", "RunResult", "defense_order", "load_runs", "write_report"]
+
+METRICS: tuple[str, ...] = ("acc_main", "acc_backdoor")
+CSV_COLUMNS: tuple[str, ...] = (
+    "task",
+    "attack",
+    "defense",
+    "seeds",
+    "rounds",
+    "acc_main_mean",
+    "acc_main_std",
+    "acc_backdoor_mean",
+    "acc_backdoor_std",
+)
+# Run-config keys that may legitimately differ between the runs of one table cell.
+_PER_RUN_KEYS = frozenset({"seed", "results-file", "data-root", "device", "download"})
+_FIRST, _LAST = "fedavg", "invariant"
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths written by :func:`write_report` and the names of the skipped run directories."""
+
+    markdown: Path
+    csv: Path
+    plots: list[Path]
+    skipped: list[str]
+
+
+@dataclass
+class RunResult:
+    """One completed run: its config and its per-round metric records (sorted by round)."""
+
+    name: str
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """``(task, attack, defense)``."""
+        return str(self.config["task"]), str(self.config["attack"]), str(self.config["defense"])
+
+    @property
+    def final_round(self) -> int:
+        return int(self.records[-1]["round"])
+
+    def final(self, metric: str) -> float:
+        """The final round's value of ``metric`` (NaN when absent)."""
+        return _as_float(self.records[-1].get(metric))
+
+
+@dataclass
+class _Group:
+    """The runs of one ``(task, attack, defense)`` cell."""
+
+    task: str
+    attack: str
+    defense: str
+    runs: list[RunResult] = field(default_factory=list)
+
+    def stats(self, metric: str) -> tuple[float, float]:
+        """Mean and population std over runs of the final round's ``metric``."""
+        values = np.array([run.final(metric) for run in self.runs], dtype=float)
+        return float(np.mean(values)), float(np.std(values))
+
+    def rounds(self) -> str:
+        """Final round number, or ``"lo-hi"`` when the runs stopped at different rounds."""
+        finals = sorted({run.final_round for run in self.runs})
+        return str(finals[0]) if len(finals) == 1 else f"{finals[0]}-{finals[-1]}"
+
+    def seeds(self) -> list[Any]:
+        return [run.config.get("seed") for run in self.runs]
+
+    def differing_keys(self) -> list[str]:
+        """Run-config keys (besides per-run ones like ``seed``) whose values differ between the runs."""
+        keys = set().union(*(run.config for run in self.runs)) - _PER_RUN_KEYS
+
+        def variants(key: str) -> int:
+            return len({json.dumps(run.config.get(key), sort_keys=True) for run in self.runs})
+
+        return sorted(key for key in keys if variants(key) > 1)
+
+    def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rounds, mean and population std of ``metric`` per round over the runs that reached that round."""
+        per_round: dict[int, list[float]] = {}
+        for run in self.runs:
+            for record in run.records:
+                per_round.setdefault(int(record["round"]), []).append(_as_float(record.get(metric)))
+        rounds = np.array(sorted(per_round), dtype=int)
+        values = [np.array(per_round[r], dtype=float) for r in rounds]
+        return rounds, np.array([v.mean() for v in values]), np.array([v.std() for v in values])
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def defense_order(defenses: Iterable[str]) -> list[str]:
+    """``fedavg`` first, ``invariant`` last, the others alphabetical in between."""
+    unique = set(defenses)
+    middle = sorted(unique - {_FIRST, _LAST})
+    return [d for d in (_FIRST,) if d in unique] + middle + [d for d in (_LAST,) if d in unique]
+
+
+def _load_run(run_dir: Path) -> RunResult:
+    """Read one run directory; raises ``ValueError`` (with the reason) when it cannot be used."""
+    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ValueError("no config.json") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"unreadable config.json ({err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("run"), dict):
+        raise ValueError('config.json has no "run" object')
+    if meta.get("completed") is not True:
+        raise ValueError("not completed")
+    config = meta["run"]
+    missing = [k for k in ("task", "attack", "defense") if k not in config]
+    if missing:
+        raise ValueError(f"run config lacks {', '.join(missing)}")
+    try:
+        lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as err:
+        raise ValueError("no metrics.jsonl") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"unreadable metrics.jsonl ({err})") from err
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            int(record["round"])
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as err:
+            raise ValueError(f"metrics.jsonl line {number} is not a record with a round ({err})") from err
+        records.append(record)
+    if not records:
+        raise ValueError("metrics.jsonl has no records")
+    records.sort(key=lambda r: int(r["round"]))
+    return RunResult(name=run_dir.name, config=config, records=records)
+
+
+def load_runs(results_dir: Path, exclude: Sequence[Path] = ()) -> tuple[list[RunResult], dict[str, str]]:
+    """Completed runs under ``results_dir`` (sorted by name) and ``{skipped run name: reason}``."""
+    excluded = {p.resolve() for p in exclude}
+    runs: list[RunResult] = []
+    skipped: dict[str, str] = {}
+    for run_dir in sorted(p for p in Path(results_dir).iterdir() if p.is_dir()):
+        if run_dir.name.startswith(".") or run_dir.resolve() in excluded:
+            continue
+        try:
+            runs.append(_load_run(run_dir))
+        except ValueError as err:
+            skipped[run_dir.name] = str(err)
+            log(WARNING, "report: skipping run %s: %s", run_dir.name, err)
+    return runs, skipped
+
+
+def _group(runs: Iterable[RunResult]) -> dict[tuple[str, str], list[_Group]]:
+    """``{(task, attack): [groups in defense order]}``, pairs sorted."""
+    cells: dict[tuple[str, str, str], _Group] = {}
+    for run in runs:
+        task, attack, defense = run.key
+        cells.setdefault(run.key, _Group(task, attack, defense)).runs.append(run)
+    pairs: dict[tuple[str, str], list[_Group]] = {}
+    for task, attack in sorted({(t, a) for t, a, _ in cells}):
+        defenses = defense_order(d for t, a, d in cells if (t, a) == (task, attack))
+        pairs[(task, attack)] = [cells[(task, attack, d)] for d in defenses]
+    return pairs
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _markdown(results_dir: Path, pairs: dict[tuple[str, str], list[_Group]], skipped: dict[str, str]) -> str:
+    lines = [
+        "# Results",
+        "",
+        f"Runs in `{results_dir}`: final-round accuracy, mean ± std over seeds (population std).",
+        "",
+    ]
+    if not pairs:
+        lines += ["No completed runs found.", ""]
+    for (task, attack), groups in pairs.items():
+        lines += [
+            f"## task `{task}`, attack `{attack}`",
+            "",
+            f"Task `{task}` under attack `{attack}`, from `{results_dir}`.",
+            "",
+            "| defense | acc_main | acc_backdoor | seeds | rounds |",
+            "|:--|--:|--:|--:|--:|",
+        ]
+        notes = []
+        for group in groups:
+            main, backdoor = _fmt(*group.stats("acc_main")), _fmt(*group.stats("acc_backdoor"))
+            lines.append(f"| {group.defense} | {main} | {backdoor} | {len(group.runs)} | {group.rounds()} |")
+            seeds = group.seeds()
+            if len(set(map(str, seeds))) < len(seeds):
+                notes.append(f"`{group.defense}` has repeated seeds ({', '.join(map(str, seeds))}).")
+            differing = group.differing_keys()
+            if differing:
+                notes.append(f"`{group.defense}` mixes runs whose configs differ in: {', '.join(differing)}.")
+        lines.append("")
+        if notes:
+            lines += [f"Note: {note}" for note in notes] + [""]
+    if skipped:
+        lines += [f"Skipped {len(skipped)} run(s):", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in skipped.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, pairs: dict[tuple[str, str], list[_Group]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for groups in pairs.values():
+            for group in groups:
+                row: list[Any] = [group.task, group.attack, group.defense, len(group.runs), group.rounds()]
+                for metric in METRICS:
+                    row += [f"{value:.6f}" for value in group.stats(metric)]
+                writer.writerow(row)
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of a task/attack name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
+
+
+def _plot(path: Path, metric: str, task: str, attack: str, groups: Sequence[_Group]) -> None:
+    """One line per defense (mean over seeds), a ± std band when more than one seed."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    for group in groups:
+        rounds, mean, std = group.curve(metric)
+        seeds = len(group.runs)
+        (line,) = ax.plot(
+            rounds,
+            mean,
+            marker="o" if len(rounds) <= 30 else None,
+            markersize=3,
+            label=f"{group.defense} ({seeds} seed{'s' if seeds != 1 else ''})",
+        )
+        if seeds > 1:
+            ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"{metric}: task {task}, attack {attack}")
+    ax.grid(True, alpha=0.4)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def write_report(results_dir: Path, out_dir: Path | None = None, *, plots: bool = True) -> ReportFiles:
+    """Write ``report.md``, ``report.csv`` and (``plots``) ``<metric>__<task>__<attack>.png`` to ``out_dir``.
+
+    ``out_dir`` defaults to ``results_dir`` and is created if needed. Incomplete or unreadable runs are
+    skipped with a warning and listed in the report and in ``ReportFiles.skipped``.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results directory {results_dir} does not exist")
+    out_dir = results_dir if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, skipped = load_runs(results_dir, exclude=[out_dir])
+    if not runs:
+        log(WARNING, "report: no completed runs in %s", results_dir)
+    pairs = _group(runs)
+
+    markdown_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
+    markdown_path.write_text(_markdown(results_dir, pairs, skipped), encoding="utf-8")
+    _write_csv(csv_path, pairs)
+    plot_paths: list[Path] = []
+    if plots:
+        for (task, attack), groups in pairs.items():
+            for metric in METRICS:
+                path = out_dir / f"{metric}__{_safe(task)}__{_safe(attack)}.png"
+                _plot(path, metric, task, attack, groups)
+                plot_paths.append(path)
+    return ReportFiles(markdown=markdown_path, csv=csv_path, plots=plot_paths, skipped=list(skipped))

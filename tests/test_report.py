@@ -1,0 +1,217 @@
+"""Tests for simulation.report: Markdown/CSV tables and PNG plots from a fake results directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulation.report import defense_order, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROUNDS = 3
+
+# (defense, seed) -> final-round (acc_main, acc_backdoor) for task linear / attack blackbox.
+FINAL = {
+    ("fedavg", 0): (0.80, 0.90),
+    ("fedavg", 1): (0.70, 0.70),
+    ("invariant", 0): (0.85, 0.10),
+    ("invariant", 1): (0.75, 0.20),
+}
+
+
+def _write_run(root: Path, name: str, run: dict, records: list[dict], completed: bool = True) -> None:
+    run_dir = root / name
+    run_dir.mkdir()
+    meta = {"run": run, "completed": completed, "versions": {}, "grid": "test", "started": "", "finished": ""}
+    (run_dir / "config.json").write_text(json.dumps(meta))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _records(final_main: float, final_backdoor: float, rounds: int = ROUNDS) -> list[dict]:
+    """Round 0 .. rounds; linear ramp from 0.1 to the final values, plus extras the report must ignore."""
+    out = []
+    for r in range(rounds + 1):
+        frac = r / rounds
+        out.append(
+            {
+                "round": r,
+                "acc_main": 0.1 + frac * (final_main - 0.1),
+                "acc_backdoor": 0.1 + frac * (final_backdoor - 0.1),
+                "loss": 1.0 - 0.1 * r,
+                "seconds": 0.5,
+                "attackers_sampled": 1,
+            }
+        )
+    out[-1]["acc_main"], out[-1]["acc_backdoor"] = final_main, final_backdoor  # exact, no ramp rounding
+    return out
+
+
+def _run_config(task: str, attack: str, defense: str, seed: int) -> dict:
+    return {"task": task, "attack": attack, "defense": defense, "seed": seed, "num-server-rounds": ROUNDS}
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    root.mkdir()
+    for (defense, seed), (main, backdoor) in FINAL.items():
+        _write_run(
+            root,
+            f"{defense}__blackbox__seed{seed}",
+            _run_config("linear", "blackbox", defense, seed),
+            _records(main, backdoor),
+        )
+    # Incomplete run with absurd numbers: must not leak into the averages.
+    _write_run(
+        root,
+        "fedavg__blackbox__seed2",
+        _run_config("linear", "blackbox", "fedavg", 2),
+        _records(0.0, 0.0),
+        completed=False,
+    )
+    garbage = root / "garbage__run"
+    garbage.mkdir()
+    (garbage / "config.json").write_text("{not json")
+    # Second (task, attack) pair, one seed, a defense sorted between fedavg and invariant.
+    _write_run(root, "krum__pixel__seed0", _run_config("fmnist", "pixel", "krum", 0), _records(0.5, 0.25))
+    _write_run(root, "fedavg__pixel__seed0", _run_config("fmnist", "pixel", "fedavg", 0), _records(0.6, 0.95))
+    return root
+
+
+def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
+    """``{defense: cells}`` of the table under the section whose heading contains ``heading``."""
+    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| defense"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_markdown_table_values(results: Path) -> None:
+    files = write_report(results)
+    assert files.markdown == results / "report.md"
+    text = files.markdown.read_text(encoding="utf-8")
+    assert str(results) in text
+    rows = _table_rows(text, "task `linear`, attack `blackbox`")
+    assert list(rows) == ["fedavg", "invariant"]
+    # fedavg: main (0.8, 0.7) -> 0.75 ± 0.05; backdoor (0.9, 0.7) -> 0.8 ± 0.1 (population std).
+    assert rows["fedavg"] == ["0.750 ± 0.050", "0.800 ± 0.100", "2", "3"]
+    assert rows["invariant"] == ["0.800 ± 0.050", "0.150 ± 0.050", "2", "3"]
+
+
+def test_second_pair_has_own_section_and_order(results: Path) -> None:
+    files = write_report(results)
+    text = files.markdown.read_text(encoding="utf-8")
+    rows = _table_rows(text, "task `fmnist`, attack `pixel`")
+    assert list(rows) == ["fedavg", "krum"]
+    assert rows["krum"] == ["0.500 ± 0.000", "0.250 ± 0.000", "1", "3"]
+    assert rows["fedavg"] == ["0.600 ± 0.000", "0.950 ± 0.000", "1", "3"]
+    names = sorted(p.name for p in files.plots)
+    pairs = (("linear", "blackbox"), ("fmnist", "pixel"))
+    assert names == sorted(f"{m}__{t}__{a}.png" for m in ("acc_main", "acc_backdoor") for t, a in pairs)
+
+
+def test_csv_rows(results: Path) -> None:
+    files = write_report(results)
+    with files.csv.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == [
+            "task",
+            "attack",
+            "defense",
+            "seeds",
+            "rounds",
+            "acc_main_mean",
+            "acc_main_std",
+            "acc_backdoor_mean",
+            "acc_backdoor_std",
+        ]
+        rows = {(r["task"], r["attack"], r["defense"]): r for r in reader}
+    assert set(rows) == {
+        ("linear", "blackbox", "fedavg"),
+        ("linear", "blackbox", "invariant"),
+        ("fmnist", "pixel", "fedavg"),
+        ("fmnist", "pixel", "krum"),
+    }
+    for defense, _seed in FINAL:
+        row = rows[("linear", "blackbox", defense)]
+        mains = np.array([FINAL[(defense, s)][0] for s in (0, 1)])
+        backdoors = np.array([FINAL[(defense, s)][1] for s in (0, 1)])
+        assert int(row["seeds"]) == 2 and int(row["rounds"]) == ROUNDS
+        assert float(row["acc_main_mean"]) == pytest.approx(mains.mean(), abs=1e-6)
+        assert float(row["acc_main_std"]) == pytest.approx(mains.std(), abs=1e-6)
+        assert float(row["acc_backdoor_mean"]) == pytest.approx(backdoors.mean(), abs=1e-6)
+        assert float(row["acc_backdoor_std"]) == pytest.approx(backdoors.std(), abs=1e-6)
+    assert float(rows[("fmnist", "pixel", "krum")]["acc_main_std"]) == 0.0
+
+
+def test_plots_are_valid_pngs(results: Path, tmp_path: Path) -> None:
+    import matplotlib.image
+
+    out = tmp_path / "out"
+    files = write_report(results, out)
+    assert files.markdown.parent == out and files.csv.parent == out
+    assert len(files.plots) == 4
+    for path in files.plots:
+        assert path.parent == out
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 100 and image.shape[1] > 100
+        assert float(np.ptp(image[..., :3])) > 0  # not a blank canvas
+    assert not (results / "report.md").exists()
+
+
+def test_skipped_runs_reported(results: Path, flwr_logs) -> None:
+    files = write_report(results)
+    assert sorted(files.skipped) == ["fedavg__blackbox__seed2", "garbage__run"]
+    text = files.markdown.read_text(encoding="utf-8")
+    assert "Skipped 2 run(s)" in text
+    assert "`fedavg__blackbox__seed2`: not completed" in text
+    assert "`garbage__run`: unreadable config.json" in text
+    assert "skipping run garbage__run" in flwr_logs.text
+
+
+def test_bad_run_dirs_do_not_crash(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    root.mkdir()
+    (root / "empty_dir").mkdir()
+    _write_run(root, "no_metrics", _run_config("linear", "none", "fedavg", 0), [])
+    _write_run(root, "not_dict", {}, [])
+    (root / "not_dict" / "config.json").write_text("[1, 2]")
+    _write_run(root, "ok", _run_config("linear", "none", "fedavg", 0), _records(0.9, 0.1))
+    (root / "ok_bad_line").mkdir()
+    (root / "ok_bad_line" / "config.json").write_text(
+        json.dumps({"run": _run_config("linear", "none", "fedavg", 1), "completed": True})
+    )
+    (root / "ok_bad_line" / "metrics.jsonl").write_text('{"round": 0, "acc_main": 0.1}\n{"round": 1, "acc_')
+    files = write_report(root, plots=False)
+    assert sorted(files.skipped) == ["empty_dir", "no_metrics", "not_dict", "ok_bad_line"]
+    assert files.plots == []
+    rows = _table_rows(files.markdown.read_text(encoding="utf-8"), "task `linear`, attack `none`")
+    assert rows == {"fedavg": ["0.900 ± 0.000", "0.100 ± 0.000", "1", "3"]}
+
+
+def test_empty_results_dir(tmp_path: Path) -> None:
+    files = write_report(tmp_path, plots=True)
+    assert "No completed runs" in files.markdown.read_text(encoding="utf-8")
+    assert files.plots == [] and files.skipped == []
+    with files.csv.open(newline="") as handle:
+        assert len(list(csv.reader(handle))) == 1  # header only
+    with pytest.raises(FileNotFoundError):
+        write_report(tmp_path / "missing")
+
+
+def test_defense_order() -> None:
+    assert defense_order(["invariant", "trimmed-mean", "fedavg", "krum", "krum"]) == [
+        "fedavg",
+        "krum",
+        "trimmed-mean",
+        "invariant",
+    ]
+    assert defense_order(["median", "invariant"]) == ["median", "invariant"]
