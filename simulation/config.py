@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "weight-decay": 0.0,
     "eval-batch-size": 512,
     # attack
-    "attack": "blackbox",  # none | blackbox | pgd | pgd-replace
+    "attack": "blackbox",  # none | blackbox | pgd | pgd-replace | alie | neurotoxin (adaptive)
     "backdoor": "edge-case",  # edge-case | pixel (BadNets-style trigger)
     "attack-schedule": "pool",  # pool (fixed malicious pool) | every-k (one attacker every k rounds)
     "malicious-fraction": 0.2,
@@ -84,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
     "project-every": 10,  # PGD projection every this many optimizer steps (and at the end)
     "replace-total-examples": 0,  # pgd-replace: examples per round; 0 = estimate (see attacks.py)
     "trigger-size": 3,  # side of the pixel-pattern trigger square, in pixels
+    "adaptive-estimates": 3,  # alie, neurotoxin: benign updates the attacker trains as estimates
+    "adaptive-z": 1.0,  # alie: stay within mean +- z * std of the benign estimates
+    "neurotoxin-top": 0.1,  # neurotoxin: fraction of most-updated coordinates the attacker leaves alone
     # linear task (paper Sec. 5)
     "linear-features": 20,  # informative Gaussian features (plus one trigger feature)
     "linear-train-size": 20000,
@@ -96,7 +99,7 @@ TASKS = ("cifar10", "fmnist", "linear")
 DEFENSES = tuple(DEFENSE_NAMES)
 MODELS = ("resnet18", "resnet18-cifar", "cnn", "linear")
 PARTITIONS = ("dirichlet", "iid")
-ATTACKS = ("none", "blackbox", "pgd", "pgd-replace")
+ATTACKS = ("none", "blackbox", "pgd", "pgd-replace", "alie", "neurotoxin")
 BACKDOORS = ("edge-case", "pixel")
 SCHEDULES = ("pool", "every-k")
 
@@ -130,6 +133,7 @@ _POSITIVE_INT = (
     "linear-train-size",
     "linear-test-size",
     "trigger-size",
+    "adaptive-estimates",
 )
 _NON_NEGATIVE_INT = (
     "seed",
@@ -139,7 +143,7 @@ _NON_NEGATIVE_INT = (
     "clean-samples",
     "replace-total-examples",
 )
-_NON_NEGATIVE_FLOAT = ("momentum", "weight-decay", "pgd-eps", "linear-signal")
+_NON_NEGATIVE_FLOAT = ("adaptive-z", "momentum", "weight-decay", "pgd-eps", "linear-signal")
 
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -199,6 +203,8 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(
             f"run config 'malicious-fraction' must be in [0, 1], got {config['malicious-fraction']!r}"
         )
+    if not 0.0 <= config["neurotoxin-top"] < 1.0:
+        raise ValueError(f"run config 'neurotoxin-top' must be in [0, 1), got {config['neurotoxin-top']!r}")
     if not config["dirichlet-alpha"] > 0:
         raise ValueError(f"run config 'dirichlet-alpha' must be > 0, got {config['dirichlet-alpha']!r}")
     if config["lr"] == -1.0:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any
@@ -14,7 +15,7 @@ from flwr.common.logger import log
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import attacks
+from . import adaptive, attacks
 from .data import TaskData, load_partitions, load_task
 from .models import build_model, get_device
 from .partition import attacker_partitions, is_attacking
@@ -139,6 +140,41 @@ class ClientResult:
     update_norm: float
 
 
+def benign_estimates(
+    model: nn.Module,
+    reference: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: TaskData,
+    config: Mapping[str, Any],
+    seed: int,
+) -> torch.Tensor:
+    """``adaptive-estimates`` benign updates ``(K, P)`` of ``model`` on ``(x, y)``, one per batch order.
+
+    What an adaptive attacker uses to guess the benign clients' updates; ``model``
+    itself is not changed.
+    """
+    device = next(model.parameters()).device
+    estimates = []
+    for k in range(config["adaptive-estimates"]):
+        twin = copy.deepcopy(model)
+        train(
+            twin,
+            x,
+            y,
+            task.preprocess,
+            epochs=config["local-epochs"],
+            batch_size=config["batch-size"],
+            lr=config["lr"],
+            momentum=config["momentum"],
+            weight_decay=config["weight-decay"],
+            device=device,
+            seed=seed + 1 + k,
+        )
+        estimates.append(adaptive.flat_update(twin, reference))
+    return torch.stack(estimates)
+
+
 def local_update(
     config: Mapping[str, Any], partition_id: int, server_round: int, global_state: Mapping[str, torch.Tensor]
 ) -> ClientResult:
@@ -185,6 +221,15 @@ def local_update(
         )
         if config["attack"] in ("pgd", "pgd-replace"):
             after_step = attacks.pgd_hook(model, reference, config["pgd-eps"], config["project-every"])
+        if config["attack"] in ("alie", "neurotoxin"):
+            rows = torch.from_numpy(parts[partition_id])
+            benign = benign_estimates(
+                model, reference, task.train_x[rows], task.train_y[rows], task, config, seed
+            )
+        if config["attack"] == "neurotoxin":
+            after_step = adaptive.neurotoxin_hook(
+                model, reference, adaptive.top_coordinates(benign.mean(dim=0), config["neurotoxin-top"])
+            )
     else:
         rows = torch.from_numpy(parts[partition_id])
         x, y = task.train_x[rows], task.train_y[rows]
@@ -204,6 +249,12 @@ def local_update(
     )
     if attacking and config["attack"] in ("pgd", "pgd-replace"):
         attacks.project_l2_(model, reference, config["pgd-eps"])
+    if attacking and config["attack"] == "neurotoxin":
+        after_step(0)
+    if attacking and config["attack"] == "alie":
+        backdoor = adaptive.flat_update(model, reference)
+        chosen = adaptive.alie_update(backdoor, benign, config["adaptive-z"], config["tau"])
+        adaptive.set_flat_update_(model, reference, chosen)
     if attacking and config["attack"] == "pgd-replace":
         attacks.scale_update_(model, reference, attacks.replacement_factor(config, len(task.train_y), len(y)))
     norm = attacks.update_norm(model, reference)

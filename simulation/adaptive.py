@@ -1,0 +1,83 @@
+"""Attacks that know the defense (issue: adaptive attackers against InvariantAggregation).
+
+Both start from estimates of what benign clients send: the attacker trains
+``adaptive-estimates`` copies of the global model on its own clean data (with
+different batch orders) and treats those updates as samples of benign updates.
+
+- ``alie`` ("A Little Is Enough", Baruch et al., NeurIPS 2019, turned into a
+  backdoor attack): train on the poisoned set, then keep the backdoor update only
+  on coordinates where the benign estimates agree on a sign (so the AND-mask
+  lets them through) and that sign is the backdoor's; clip it there into
+  ``mean +- adaptive-z * std`` of the benign estimates (so a trimmed mean does
+  not cut it); send the benign mean everywhere else.
+- ``neurotoxin`` (Zhang et al., ICML 2022): train on the poisoned set but never
+  move the ``neurotoxin-top`` fraction of coordinates that benign training
+  changes most (their values are reset after every optimizer step), so the
+  backdoor lives in coordinates benign clients rarely overwrite. The paper takes
+  the top coordinates from the last global update; here they come from the
+  attacker's own benign estimate, which needs no state across rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["alie_update", "flat_update", "neurotoxin_hook", "set_flat_update_", "top_coordinates"]
+
+
+@torch.no_grad()
+def flat_update(model: nn.Module, reference: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``parameters - reference`` flattened into one vector ``(P,)``."""
+    return torch.cat([(p - r).reshape(-1) for p, r in zip(model.parameters(), reference, strict=True)])
+
+
+@torch.no_grad()
+def set_flat_update_(model: nn.Module, reference: Sequence[torch.Tensor], update: torch.Tensor) -> None:
+    """Set the parameters to ``reference + update`` (``update`` as from :func:`flat_update`)."""
+    offset = 0
+    for param, ref in zip(model.parameters(), reference, strict=True):
+        count = param.numel()
+        param.copy_(ref + update[offset : offset + count].reshape(param.shape))
+        offset += count
+
+
+def alie_update(backdoor: torch.Tensor, benign: torch.Tensor, z: float, tau: float) -> torch.Tensor:
+    """The update an ALIE-style backdoor attacker sends.
+
+    ``backdoor``: ``(P,)`` its poisoned-training update; ``benign``: ``(K, P)``
+    estimated benign updates. Coordinates where ``|mean sign(benign)| >= tau`` and
+    the benign mean has the backdoor's sign get the backdoor value clipped into
+    ``mean +- z * std``; every other coordinate gets the benign mean.
+    """
+    mean, std = benign.mean(dim=0), benign.std(dim=0, unbiased=False)
+    consistent = benign.sign().mean(dim=0).abs() >= tau
+    agree = consistent & (mean.sign() == backdoor.sign())
+    inside = torch.minimum(torch.maximum(backdoor, mean - z * std), mean + z * std)
+    return torch.where(agree, inside, mean)
+
+
+def top_coordinates(benign_update: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean ``(P,)`` mask of the ``fraction`` of coordinates with the largest ``|update|``."""
+    count = int(round(fraction * benign_update.numel()))
+    mask = torch.zeros(benign_update.numel(), dtype=torch.bool)
+    if count:
+        mask[benign_update.abs().topk(count).indices] = True
+    return mask
+
+
+def neurotoxin_hook(
+    model: nn.Module, reference: Sequence[torch.Tensor], frozen: torch.Tensor
+) -> Callable[[int], None]:
+    """``after_step`` callback that resets the ``frozen`` coordinates to the global model's values."""
+    frozen = frozen.to(reference[0].device)
+
+    @torch.no_grad()
+    def after_step(step: int) -> None:
+        update = flat_update(model, reference)
+        update[frozen] = 0.0
+        set_flat_update_(model, reference, update)
+
+    return after_step
