@@ -56,17 +56,8 @@ def _share(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
 
-def _parse_sets(items: Sequence[str]) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        pairs[key] = value
-    return pairs
-
-
 def _run(args: argparse.Namespace) -> None:
+    from .compare import parse_sets
     from .config import DEFAULTS
     from .grid import check_writable, resources_from, run_into
 
@@ -75,7 +66,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.source:
         saved = json.loads(Path(args.source).read_text())
         overrides, resources = saved["overrides"], resources_from(saved["resources"], args.source)
-    overrides.update(_parse_sets(args.set))
+    overrides.update(parse_sets(args.set))
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise SystemExit(f"unknown run-config key(s) {unknown} (see simulation/config.py)")

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compare", "format_table", "run_one"]
+__all__ = ["compare", "format_table", "parse_sets", "run_one"]
 
 
 def run_one(
@@ -77,7 +77,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items (from ``--set``) as a dict; ``ValueError`` for an item without ``=``."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other run-config keys")
     parser.add_argument("--json", default="", help="write all per-round records to this file")
     args = parser.parse_args(argv)
-    base = {"task": args.task, "num-server-rounds": args.rounds, **_parse_sets(args.set)}
+    base = {"task": args.task, "num-server-rounds": args.rounds, **parse_sets(args.set)}
     rows = compare(base, args.defenses, args.seeds)
     if args.json:
         Path(args.json).write_text(json.dumps([r["record"] for r in rows], indent=1, default=float))

@@ -140,6 +140,33 @@ class ClientResult:
     update_norm: float
 
 
+def train_as_configured(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: TaskData,
+    config: Mapping[str, Any],
+    device: torch.device,
+    seed: int,
+    after_step: Callable[[int], None] | None = None,
+) -> float:
+    """:func:`train` with the run config's local-training settings; returns the mean loss."""
+    return train(
+        model,
+        x,
+        y,
+        task.preprocess,
+        epochs=config["local-epochs"],
+        batch_size=config["batch-size"],
+        lr=config["lr"],
+        momentum=config["momentum"],
+        weight_decay=config["weight-decay"],
+        device=device,
+        seed=seed,
+        after_step=after_step,
+    )
+
+
 def benign_estimates(
     model: nn.Module,
     reference: Sequence[torch.Tensor],
@@ -158,19 +185,7 @@ def benign_estimates(
     estimates = []
     for k in range(config["adaptive-estimates"]):
         twin = copy.deepcopy(model)
-        train(
-            twin,
-            x,
-            y,
-            task.preprocess,
-            epochs=config["local-epochs"],
-            batch_size=config["batch-size"],
-            lr=config["lr"],
-            momentum=config["momentum"],
-            weight_decay=config["weight-decay"],
-            device=device,
-            seed=seed + 1 + k,
-        )
+        train_as_configured(twin, x, y, task, config, device, seed + 1 + k)
         estimates.append(adaptive.flat_update(twin, reference))
     return torch.stack(estimates)
 
@@ -233,20 +248,7 @@ def local_update(
     else:
         rows = torch.from_numpy(parts[partition_id])
         x, y = task.train_x[rows], task.train_y[rows]
-    loss = train(
-        model,
-        x,
-        y,
-        task.preprocess,
-        epochs=config["local-epochs"],
-        batch_size=config["batch-size"],
-        lr=config["lr"],
-        momentum=config["momentum"],
-        weight_decay=config["weight-decay"],
-        device=device,
-        seed=seed,
-        after_step=after_step,
-    )
+    loss = train_as_configured(model, x, y, task, config, device, seed, after_step)
     if attacking and config["attack"] in ("pgd", "pgd-replace"):
         attacks.project_l2_(model, reference, config["pgd-eps"])
     if attacking and config["attack"] == "neurotoxin":
