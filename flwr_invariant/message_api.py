@@ -10,12 +10,14 @@ strategy's own ``aggregate_train``. A numpy strategy overrides
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from functools import partial
 from logging import ERROR, INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -23,6 +25,13 @@ from .round import aggregate_round
 from .updates import decode_npy
 
 __all__ = ["ScreenedReplies", "decode_array", "reply_arrays"]
+
+
+def _error_source(message: Message) -> str:
+    # Flower answers for an unreachable node with the SuperLink's own id as the sender.
+    if message.metadata.src_node_id == SUPERLINK_NODE_ID:
+        return "the SuperLink replied with an error for a node it could not reach"
+    return f"node {message.metadata.src_node_id} replied with an error"
 
 
 def decode_array(array: Array) -> np.ndarray:
@@ -36,7 +45,8 @@ def reply_arrays(message: Message, keys: Sequence[str], weighted_by_key: str) ->
     """A training reply's arrays in the order of ``keys``; ``ValueError`` if malformed.
 
     The reply must hold one ``ArrayRecord`` with exactly ``keys`` and one
-    ``MetricRecord`` with a number under ``weighted_by_key``.
+    ``MetricRecord`` with a positive number under ``weighted_by_key`` (a zero or
+    negative count would break the weighted metrics of the whole round).
     """
     content = message.content
     if len(content.array_records) != 1:
@@ -46,6 +56,8 @@ def reply_arrays(message: Message, keys: Sequence[str], weighted_by_key: str) ->
     weight = next(iter(content.metric_records.values())).get(weighted_by_key)
     if not isinstance(weight, int | float):
         raise ValueError(f"its MetricRecord has no number under {weighted_by_key!r}")
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"its {weighted_by_key!r} is {weight!r}; it must be a positive number")
     record = next(iter(content.array_records.values()))
     if len(record) != len(keys):
         raise ValueError(f"sent {len(record)} arrays, the global model has {len(keys)}")
@@ -81,8 +93,7 @@ class ScreenedReplies:
         answered = [msg for msg in replies if not msg.has_error()]
         for msg in replies:
             if msg.has_error():
-                node = msg.metadata.src_node_id
-                log(INFO, "round %s: node %s replied with an error: %s", server_round, node, msg.error.reason)
+                log(INFO, "round %s: %s: %s", server_round, _error_source(msg), msg.error.reason)
         if not answered:
             return None, None
         if self._global_arrays is None:

@@ -91,9 +91,7 @@ class InvariantAggregation(InvariantSettings, FedAvg):
             log(ERROR, "aggregate_fit: configure_fit never ran, so the global weights are unknown")
             return None, {}
         global_weights = [decode_npy(tensor) for tensor in self._global_parameters.tensors]
-        candidates = [
-            (proxy.cid, partial(_decode_parameters, fit_res.parameters)) for proxy, fit_res in results
-        ]
+        candidates = [(proxy.cid, partial(_decode_fit_res, fit_res)) for proxy, fit_res in results]
         aggregate = partial(self.invariant_config.aggregate, median_layers=self.median_indices)
         outcome = aggregate_round(server_round, global_weights, candidates, aggregate)
         metrics: dict[str, Scalar] = {**outcome.metrics, "num_failures": len(failures)}
@@ -107,7 +105,10 @@ class InvariantAggregation(InvariantSettings, FedAvg):
         return ndarrays_to_parameters(outcome.weights), metrics
 
 
-def _decode_parameters(parameters: Parameters) -> list:
+def _decode_fit_res(fit_res: FitRes) -> list:
+    if fit_res.num_examples <= 0:
+        raise ValueError(f"num_examples is {fit_res.num_examples}; it must be positive")
+    parameters = fit_res.parameters
     if parameters.tensor_type != "numpy.ndarray":
         raise ValueError(f"tensor_type {parameters.tensor_type!r} is not 'numpy.ndarray'")
     return [decode_npy(tensor) for tensor in parameters.tensors]

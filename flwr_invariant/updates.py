@@ -95,7 +95,8 @@ def _value_problem(array: np.ndarray, headroom: float) -> str | None:
     if array.dtype.kind == "f":
         flat = array.reshape(-1)
         # One BLAS pass: a finite L2 norm within the headroom rules out NaN, Inf and overflow.
-        norm = float(np.sqrt(np.dot(flat, flat)))
+        with np.errstate(over="ignore"):  # an overflowing norm just sends us to the exact check
+            norm = float(np.sqrt(np.dot(flat, flat)))
         if norm <= headroom:
             return None
     # Slow path, only for suspicious or integer arrays: min/max propagate NaN.

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 30,
     "seed": 0,
     "device": "auto",  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    "round-timeout": 3600.0,  # seconds a round (and the wait for all nodes) may take
     "results-file": "",  # JSON file the ServerApp writes per-round metrics to ("" = none)
     # defense settings (InvariantAggregation)
     "tau": 0.6,
@@ -205,6 +206,10 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
         )
     if not 0.0 <= config["neurotoxin-top"] < 1.0:
         raise ValueError(f"run config 'neurotoxin-top' must be in [0, 1), got {config['neurotoxin-top']!r}")
+    if not (math.isfinite(config["round-timeout"]) and config["round-timeout"] > 0):
+        raise ValueError(
+            f"run config 'round-timeout' must be a number of seconds > 0, got {config['round-timeout']!r}"
+        )
     if not config["dirichlet-alpha"] > 0:
         raise ValueError(f"run config 'dirichlet-alpha' must be > 0, got {config['dirichlet-alpha']!r}")
     if config["lr"] == -1.0:

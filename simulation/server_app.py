@@ -212,7 +212,7 @@ def run_experiment(
 
     task = load_task(config)
     initial = ArrayRecord(model_for(task, config).state_dict())
-    node_of = discover_partitions(grid, config["num-partitions"])
+    node_of = discover_partitions(grid, config["num-partitions"], config["round-timeout"])
     sampler = RoundSampler(node_of, config)
     strategy = make_strategy(config, sampler)
     if isinstance(strategy, FLAIN):
@@ -234,6 +234,7 @@ def run_experiment(
         grid=grid,
         initial_arrays=initial,
         num_rounds=config["num-server-rounds"],
+        timeout=config["round-timeout"],
         train_config=ConfigRecord({}),
         evaluate_fn=timed_evaluate,
     )
