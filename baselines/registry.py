@@ -10,7 +10,10 @@ unless ``assumed-malicious`` is set.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from logging import WARNING
 from typing import Any
+
+from flwr.common.logger import log
 
 import flwr_invariant.serverapp
 
@@ -53,6 +56,16 @@ def _invariant(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
     return flwr_invariant.serverapp.InvariantAggregation, kwargs
 
 
+def _krum_trimmed_mean(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    f = assumed_malicious(config)
+    per_round = int(config.get("clients-per-round", 10))
+    feasible = max(0, (per_round - 3) // 4)  # Bulyan needs N >= 4f + 3 replies
+    if f > feasible:
+        log(WARNING, "krum-trimmed-mean: %d clients per round allow f <= %d, not %d; using f = %d",
+            per_round, feasible, f, feasible)  # fmt: skip
+    return KrumTrimmedMean, {"num_malicious_nodes": min(f, feasible)}
+
+
 def _multi_krum(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
     f = assumed_malicious(config)
     selected = max(1, int(config.get("clients-per-round", 10)) - f)
@@ -67,7 +80,7 @@ DEFENSES: dict[str, DefenseFactory] = {
     "multi-krum-cosine": lambda config: (MultiKrumCosine, {"num_malicious_nodes": assumed_malicious(config)}),
     "trimmed-mean": lambda config: (ScreenedTrimmedMean, {"beta": 0.2}),
     "median": lambda config: (ScreenedMedian, {}),
-    "krum-trimmed-mean": lambda config: (KrumTrimmedMean, {"num_malicious_nodes": assumed_malicious(config)}),
+    "krum-trimmed-mean": _krum_trimmed_mean,
     "sign-sgd": lambda config: (SignSGD, {"server_learning_rate": 1e-3}),
     "weak-dp": lambda config: (WeakDP, {"seed": int(config.get("seed", 0))}),
     "foolsgold": lambda config: (FoolsGold, {}),

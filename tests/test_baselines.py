@@ -44,6 +44,8 @@ def test_registry_names_every_defense_of_the_issue():
     }  # fmt: skip
     assert baselines.assumed_malicious({"malicious-fraction": 0.2, "clients-per-round": 20}) == 4
     assert baselines.assumed_malicious({"assumed-malicious": 1, "clients-per-round": 20}) == 1
+    _, bulyan = baselines.DEFENSES["krum-trimmed-mean"]({"malicious-fraction": 0.2, "clients-per-round": 10})
+    assert bulyan["num_malicious_nodes"] == 1  # f = 2 would need 11 replies; the largest that fits
 
 
 def test_krum_picks_the_update_with_the_smallest_score():
