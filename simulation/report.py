@@ -261,19 +261,25 @@ def _safe(name: str) -> str:
 
 def _plot(path: Path, metric: str, task: str, attack: str, groups: Sequence[_Group]) -> None:
     """One line per defense (mean over seeds), a ± std band when more than one seed."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(9 if len(groups) > 4 else 7, 4.5), dpi=120)
     ax = fig.add_subplot()
-    for group in groups:
+    palette = colormaps["tab20" if len(groups) > 10 else "tab10"].colors  # a distinct colour each
+    for index, group in enumerate(groups):
         rounds, mean, std = group.curve(metric)
         seeds = len(group.runs)
+        highlighted = group.defense in ("fedavg", "invariant")
         (line,) = ax.plot(
             rounds,
             mean,
             marker="o" if len(rounds) <= 30 else None,
             markersize=3,
+            color=palette[index % len(palette)],
+            linewidth=2.5 if highlighted else 1.2,
+            alpha=1.0 if highlighted else 0.75,
             label=f"{group.defense} ({seeds} seed{'s' if seeds != 1 else ''})",
         )
         if seeds > 1:
@@ -284,7 +290,10 @@ def _plot(path: Path, metric: str, task: str, attack: str, groups: Sequence[_Gro
     ax.set_ylim(0.0, 1.0)
     ax.set_title(f"{metric}: task {task}, attack {attack}")
     ax.grid(True, alpha=0.4)
-    ax.legend(loc="best")
+    if len(groups) > 4:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png")
 
