@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flwr_invariant.aggregate import coordinate_median
+from flwr_invariant.aggregate import median_of
 
 __all__ = ["apply_step", "flat_pseudo_gradients"]
 
@@ -40,7 +40,5 @@ def apply_step(
             new_weights.append((w - layer_step).astype(w.dtype))
             offset += w.size
         else:
-            new_weights.append(
-                coordinate_median(np.stack([np.asarray(u[i], dtype=w.dtype) for u in updates]))
-            )
+            new_weights.append(median_of([u[i] for u in updates], w.dtype))
     return new_weights

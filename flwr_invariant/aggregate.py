@@ -28,6 +28,7 @@ __all__ = [
     "coordinate_median",
     "invariant_aggregate",
     "invariant_update",
+    "median_of",
     "min_votes",
     "sign_consistency",
     "trim_count",
@@ -93,6 +94,11 @@ def coordinate_median(stacked: np.ndarray) -> np.ndarray:
     return np.asarray(np.partition(stacked, lower_middle, axis=0)[lower_middle])
 
 
+def median_of(arrays: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """:func:`coordinate_median` of the clients' arrays of one layer, read as ``dtype``."""
+    return coordinate_median(np.stack([np.asarray(a, dtype=dtype) for a in arrays]))
+
+
 def invariant_aggregate(
     pseudo_gradients: Sequence[Sequence[np.ndarray]],
     tau: float,
@@ -145,8 +151,7 @@ def invariant_update(
             float_jobs.append((layer, reference, server_learning_rate))
             new_weights.append(None)
         else:
-            stacked = np.stack([np.asarray(a, dtype=reference.dtype) for a in layer])
-            new_weights.append(coordinate_median(stacked))
+            new_weights.append(median_of(layer, reference.dtype))
     float_results = iter(engine.run(float_jobs))
     kept = total = 0
     for index, weights in enumerate(new_weights):

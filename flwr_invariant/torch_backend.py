@@ -11,7 +11,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from .aggregate import DEFAULT_CHUNK_BYTES, coordinate_median, min_votes, trim_count
+from .aggregate import DEFAULT_CHUNK_BYTES, median_of, min_votes, trim_count
 
 __all__ = ["cuda_available", "invariant_update_torch"]
 
@@ -51,8 +51,7 @@ def invariant_update_torch(
     for index, reference in enumerate(global_weights):
         layer = [weights[index] for weights in client_weights]
         if reference.dtype.kind != "f" or index in median_layers:
-            stacked = np.stack([np.asarray(a, dtype=reference.dtype) for a in layer])
-            new_weights.append(coordinate_median(stacked))
+            new_weights.append(median_of(layer, reference.dtype))
             continue
         flat_ref = np.ravel(reference)
         out = np.empty_like(flat_ref)

@@ -20,8 +20,6 @@ from flwr.common.logger import log
 
 from baselines import defense_names
 
-DEFENSE_NAMES = defense_names()
-
 __all__ = [
     "ATTACKS",
     "BACKDOORS",
@@ -97,7 +95,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 TASKS = ("cifar10", "fmnist", "linear")
-DEFENSES = tuple(DEFENSE_NAMES)
+DEFENSES = tuple(defense_names())
 MODELS = ("resnet18", "resnet18-cifar", "cnn", "linear")
 PARTITIONS = ("dirichlet", "iid")
 ATTACKS = ("none", "blackbox", "pgd", "pgd-replace", "alie", "neurotoxin")

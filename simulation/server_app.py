@@ -1,7 +1,7 @@
 """Flower ``ServerApp`` (Message API) for the backdoor experiments.
 
 Reads the run config (:mod:`simulation.config`), builds the defense from
-:data:`DEFENSE_REGISTRY`, samples ``clients-per-round`` partitions per round
+:data:`baselines.DEFENSES`, samples ``clients-per-round`` partitions per round
 with a generator seeded by ``(seed, round)`` (so every defense sees the same
 clients on the same seed), runs ``strategy.start(...)`` with the server-side
 ``evaluate_fn`` and records per-round metrics (``acc_main``, ``acc_backdoor``,
@@ -36,16 +36,12 @@ from .config import resolve_config
 from .partition import attacker_partitions, is_attack_round
 
 __all__ = [
-    "DEFENSE_REGISTRY",
     "RoundSampler",
     "discover_partitions",
     "make_server_app",
     "make_strategy",
     "app",
 ]
-
-#: defense name -> (Message API strategy class, its keyword arguments from the run config).
-DEFENSE_REGISTRY = DEFENSES
 
 
 class RoundSampler:
@@ -133,12 +129,12 @@ class SeededSampling:
 
 
 def make_strategy(config: Mapping[str, Any], sampler: RoundSampler) -> FedAvg:
-    """The run config's ``defense`` (from :data:`DEFENSE_REGISTRY`) with seeded sampling."""
-    if config["defense"] not in DEFENSE_REGISTRY:
+    """The run config's ``defense`` (from :data:`baselines.DEFENSES`) with seeded sampling."""
+    if config["defense"] not in DEFENSES:
         raise ValueError(
-            f"run config 'defense' must be one of {', '.join(DEFENSE_REGISTRY)}; got {config['defense']!r}"
+            f"run config 'defense' must be one of {', '.join(DEFENSES)}; got {config['defense']!r}"
         )
-    cls, kwargs = DEFENSE_REGISTRY[config["defense"]](config)
+    cls, kwargs = DEFENSES[config["defense"]](config)
     sampled = type(f"Sampled{cls.__name__}", (SeededSampling, cls), {})
     return sampled(
         sampler=sampler,

@@ -9,11 +9,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.metadata import Metadata
 
+from baselines import DEFENSES
 from flwr_invariant.client_app import make_client_app, partition_of
 from simulation.config import resolve_config
 from simulation.data import load_task
 from simulation.partition import attacker_partitions
-from simulation.server_app import DEFENSE_REGISTRY, RoundSampler, make_strategy
+from simulation.server_app import RoundSampler, make_strategy
 from simulation.training import make_evaluate_fn, model_for
 
 LINEAR = {
@@ -116,7 +117,7 @@ def test_round_sampler_is_seeded_and_schedules_attackers() -> None:
 def test_strategy_registry() -> None:
     config = resolve_config(LINEAR)
     sampler = RoundSampler({p: p for p in range(5)}, config)
-    assert {"fedavg", "invariant", "krum", "flame", "flain"} <= set(DEFENSE_REGISTRY)
+    assert {"fedavg", "invariant", "krum", "flame", "flain"} <= set(DEFENSES)
     strategy = make_strategy({**config, "defense": "invariant", "tau": 0.7}, sampler)
     assert "tau=0.7" in repr(strategy) and strategy.fraction_evaluate == 0.0
     with pytest.raises(ValueError, match="'defense'"):
