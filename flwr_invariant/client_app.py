@@ -55,9 +55,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         from simulation.training import local_update
 
         config = settings(context)
-        server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        round_config = msg.content.get("config", {})
         result = local_update(
-            config, partition_of(context, config), server_round, msg.content["arrays"].to_torch_state_dict()
+            config,
+            partition_of(context, config),
+            int(round_config.get("server-round", 0)),
+            msg.content["arrays"].to_torch_state_dict(),
+            pretrain=bool(round_config.get("pretrain", False)),
         )
         metrics = MetricRecord(
             {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,26 +40,30 @@ def run_one(
 def compare(
     base: Mapping[str, Any], defenses: Sequence[str] = ("fedavg", "invariant"), seeds: Sequence[int] = (0,)
 ) -> list[dict[str, Any]]:
-    """Every defense on every seed with otherwise equal config; one summary row per run."""
-    rows = []
-    for seed in seeds:
-        for defense in defenses:
-            record = run_one({**base, "defense": defense, "seed": seed})
-            last = record["rounds"][-1]
-            rows.append(
-                {
-                    "defense": defense,
-                    "seed": seed,
-                    "rounds": last["round"],
-                    "acc_main": last["acc_main"],
-                    "acc_backdoor": last["acc_backdoor"],
-                    "max_acc_backdoor": max(r["acc_backdoor"] for r in record["rounds"][1:]),
-                    "loss": last["loss"],
-                    "attacker_rounds": sum(r["attackers_sampled"] > 0 for r in record["rounds"]),
-                    "record": record,
-                }
-            )
-    return rows
+    """Every defense on every seed with otherwise equal config; one summary row per run.
+
+    With ``pretrain-rounds`` and no ``pretrain-cache``, a temporary cache lets the
+    defenses of a seed start from one pretrained model.
+    """
+    with tempfile.TemporaryDirectory(prefix="flwr-invariant-pretrain-") as scratch:
+        if base.get("pretrain-rounds") and not base.get("pretrain-cache"):
+            base = {**base, "pretrain-cache": scratch}
+        return [_summary(run_one({**base, "defense": d, "seed": s}), d, s) for s in seeds for d in defenses]
+
+
+def _summary(record: dict[str, Any], defense: str, seed: int) -> dict[str, Any]:
+    last = record["rounds"][-1]
+    return {
+        "defense": defense,
+        "seed": seed,
+        "rounds": last["round"],
+        "acc_main": last["acc_main"],
+        "acc_backdoor": last["acc_backdoor"],
+        "max_acc_backdoor": max(r["acc_backdoor"] for r in record["rounds"][1:]),
+        "loss": last["loss"],
+        "attacker_rounds": sum(r["attackers_sampled"] > 0 for r in record["rounds"]),
+        "record": record,
+    }
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:

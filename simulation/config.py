@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     "round-timeout": 3600.0,  # seconds a round (and the wait for all nodes) may take
     "results-file": "",  # JSON file the ServerApp writes per-round metrics to ("" = none)
+    "pretrain-rounds": 0,  # benign FedAvg rounds that train the starting model (see simulation/pretrain.py)
+    "pretrain-cache": "",  # directory keeping pretrained starting models ("" = none)
     # defense settings (InvariantAggregation)
     "tau": 0.6,
     "trim-ratio": 0.45,
@@ -62,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "dirichlet-alpha": 0.5,
     "train-size": 0,  # use a seeded random subset of this many training examples (0 = all)
     # model and local training
-    "model": "auto",  # auto | resnet18 | resnet18-cifar | cnn | linear
+    "model": "auto",  # auto | resnet18 | resnet18-cifar | resnet18-imagenet | cnn | linear
     "local-epochs": 1,
     "batch-size": 64,
     "lr": -1.0,  # -1 = the task's default (0.01 on images as in the paper, 0.1 on the linear task)
@@ -96,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
 
 TASKS = ("cifar10", "fmnist", "linear")
 DEFENSES = tuple(defense_names())
-MODELS = ("resnet18", "resnet18-cifar", "cnn", "linear")
+MODELS = ("resnet18", "resnet18-cifar", "resnet18-imagenet", "cnn", "linear")
 PARTITIONS = ("dirichlet", "iid")
 ATTACKS = ("none", "blackbox", "pgd", "pgd-replace", "alie", "neurotoxin")
 BACKDOORS = ("edge-case", "pixel")
@@ -136,6 +138,7 @@ _POSITIVE_INT = (
 )
 _NON_NEGATIVE_INT = (
     "seed",
+    "pretrain-rounds",
     "flain-aux-size",
     "train-size",
     "edge-case-samples",
@@ -143,9 +146,6 @@ _NON_NEGATIVE_INT = (
     "replace-total-examples",
 )
 _NON_NEGATIVE_FLOAT = ("adaptive-z", "momentum", "weight-decay", "pgd-eps", "linear-signal")
-
-
-_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -234,6 +234,8 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"run config 'model' must be 'linear' for task 'linear', got {config['model']!r}")
     if config["task"] != "linear" and config["model"] == "linear":
         raise ValueError(f"run config 'model' 'linear' only fits task 'linear', not {config['task']!r}")
+    if config["task"] == "fmnist" and config["model"] == "resnet18-imagenet":
+        raise ValueError("run config 'model' 'resnet18-imagenet' needs RGB images (cifar10), not 'fmnist'")
     if config["task"] == "linear" and config["backdoor"] == "pixel":
         raise ValueError("run config 'backdoor' = 'pixel' needs an image task, not 'linear'")
     return config

@@ -6,7 +6,8 @@ Each run writes ``OUTPUT/<defense>__<attack>__seed<seed>/``:
   ``acc_backdoor``, ``loss``, ``seconds``, ``attackers_sampled`` and the
   strategy's own metrics as ``train_*``, e.g. ``train_mask_fraction``);
 - ``config.json``: the resolved run config, the client resources, the package
-  versions and ``completed``; ``python -m simulation run --from config.json``
+  versions, ``completed`` and (with ``pretrain-rounds``) the pretrained model's
+  accuracies; ``python -m simulation run --from config.json``
   repeats the run.
 
 A run whose ``config.json`` says ``completed`` is skipped when the grid runs
@@ -48,6 +49,7 @@ from flwr.common.logger import log
 
 from .config import DEFAULTS, resolve_config
 from .launcher import Resources, run
+from .pretrain import CACHE_DIR_NAME
 
 __all__ = ["GridSpec", "load_grid", "run_grid", "run_into", "versions"]
 
@@ -74,11 +76,18 @@ class GridSpec:
     resources: Resources = field(default_factory=Resources)
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(run name, run-config overrides)`` for every defense x attack x seed."""
+        """``(run name, run-config overrides)`` for every defense x attack x seed.
+
+        With ``pretrain-rounds`` set, ``pretrain-cache`` defaults to
+        ``OUTPUT/pretrained``: the runs of one seed share one pretrained model.
+        """
+        base = dict(self.base)
+        if base.get("pretrain-rounds") and not base.get("pretrain-cache"):
+            base["pretrain-cache"] = str(self.output / CACHE_DIR_NAME)
         return [
             (
                 f"{defense}__{attack}__seed{seed}",
-                {**self.base, "defense": defense, "attack": attack, "seed": seed},
+                {**base, "defense": defense, "attack": attack, "seed": seed},
             )
             for defense in self.defenses
             for attack in self.attacks
@@ -194,9 +203,10 @@ def run_into(
     temporary = metrics_path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(json.dumps(row, default=float) + "\n" for row in record["rounds"]))
     os.replace(temporary, metrics_path)
-    _write_json(
-        run_dir / "config.json", {**meta, "completed": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    )
+    finished = {"completed": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if "pretrain" in record:
+        finished["pretrain"] = record["pretrain"]
+    _write_json(run_dir / "config.json", {**meta, **finished})
     return record
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.parse import urlparse
+
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "build_model", "get_device"]
+__all__ = ["SmallCNN", "build_model", "get_device", "imagenet_resnet18"]
 
 
 class SmallCNN(nn.Module):
@@ -40,13 +43,18 @@ class SmallCNN(nn.Module):
 def build_model(
     name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, num_features: int = 0
 ) -> nn.Module:
-    """A freshly initialised model.
+    """A freshly initialised model (ImageNet-trained for ``"resnet18-imagenet"``).
 
     ``"resnet18"``: ``torchvision.models.resnet18(num_classes=...)`` as is (ImageNet
     stem); ``"resnet18-cifar"``: the same with the usual CIFAR stem (3x3 stride-1
     ``conv1``, no max-pool); ``"cnn"``: :class:`SmallCNN`; ``"linear"``:
-    ``nn.Linear(num_features, num_classes)`` (logistic regression).
+    ``nn.Linear(num_features, num_classes)`` (logistic regression);
+    ``"resnet18-imagenet"``: :func:`imagenet_resnet18`.
     """
+    if name == "resnet18-imagenet":
+        if in_channels != 3:
+            raise ValueError(f"model 'resnet18-imagenet' needs RGB inputs, got {in_channels} channel(s)")
+        return imagenet_resnet18(num_classes)
     if name in ("resnet18", "resnet18-cifar"):
         from torchvision.models import resnet18
 
@@ -63,7 +71,32 @@ def build_model(
         if num_features < 1:
             raise ValueError("model 'linear' needs num_features >= 1")
         return nn.Linear(num_features, num_classes)
-    raise ValueError(f"run config 'model' must be one of resnet18, resnet18-cifar, cnn, linear; got {name!r}")
+    raise ValueError(
+        "run config 'model' must be one of resnet18, resnet18-cifar, resnet18-imagenet, cnn, linear; "
+        f"got {name!r}"
+    )
+
+
+def imagenet_resnet18(num_classes: int) -> nn.Module:
+    """torchvision's ImageNet-trained ResNet-18 (ImageNet stem) with a fresh ``num_classes`` head.
+
+    What the paper's released code fine-tunes on CIFAR-10. torchvision downloads the
+    weights once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``); without
+    them and without a network, ``FileNotFoundError`` names the file to provide.
+    """
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    try:
+        model = resnet18(weights=weights)
+    except OSError as error:  # URLError included: no network
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+        raise FileNotFoundError(
+            f"model 'resnet18-imagenet' needs torchvision's ImageNet weights at {str(path)!r} "
+            f"(from {weights.url}); they are missing and could not be downloaded: {error}"
+        ) from None
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
 
 
 def get_device(setting: str = "auto") -> torch.device:

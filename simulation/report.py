@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
+from .pretrain import CACHE_DIR_NAME
+
 __all__ = ["METRICS", "ReportFiles", "RunResult", "defense_order", "load_runs", "write_report"]
 
 METRICS: tuple[str, ...] = ("acc_main", "acc_backdoor")
@@ -172,12 +174,15 @@ def _load_run(run_dir: Path) -> RunResult:
 
 
 def load_runs(results_dir: Path, exclude: Sequence[Path] = ()) -> tuple[list[RunResult], dict[str, str]]:
-    """Completed runs under ``results_dir`` (sorted by name) and ``{skipped run name: reason}``."""
+    """Completed runs under ``results_dir`` (sorted by name) and ``{skipped run name: reason}``.
+
+    A grid's pretrain cache (``pretrained/``) is not a run and is left out silently.
+    """
     excluded = {p.resolve() for p in exclude}
     runs: list[RunResult] = []
     skipped: dict[str, str] = {}
     for run_dir in sorted(p for p in Path(results_dir).iterdir() if p.is_dir()):
-        if run_dir.name.startswith(".") or run_dir.resolve() in excluded:
+        if run_dir.name.startswith(".") or run_dir.name == CACHE_DIR_NAME or run_dir.resolve() in excluded:
             continue
         try:
             runs.append(_load_run(run_dir))

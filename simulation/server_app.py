@@ -34,6 +34,7 @@ from baselines.flain import FLAIN, FlainRepair
 
 from .config import resolve_config
 from .partition import attacker_partitions, is_attack_round
+from .pretrain import pretrain
 
 __all__ = [
     "RoundSampler",
@@ -50,11 +51,13 @@ class RoundSampler:
     ``node_of``: partition id -> node id. ``pool`` schedule: ``clients-per-round``
     partitions uniformly without replacement (malicious ones like everyone
     else). ``every-k``: the attacker only in rounds divisible by ``attack-every``.
+    ``stream`` is mixed into the seed: another stream draws other clients.
     """
 
-    def __init__(self, node_of: Mapping[int, int], config: Mapping[str, Any]) -> None:
+    def __init__(self, node_of: Mapping[int, int], config: Mapping[str, Any], stream: int = 0x5A) -> None:
         self.node_of = dict(node_of)
         self.config = config
+        self.stream = stream
         self.attackers = set(
             attacker_partitions(
                 config["num-partitions"],
@@ -68,7 +71,7 @@ class RoundSampler:
     def partitions(self, server_round: int) -> list[int]:
         """Sorted partition ids sampled for ``server_round``."""
         config = self.config
-        rng = np.random.default_rng([config["seed"], server_round, 0x5A])
+        rng = np.random.default_rng([config["seed"], server_round, self.stream])
         everyone = sorted(self.node_of)
         count = min(config["clients-per-round"], len(everyone))
         if config["attack-schedule"] == "every-k" and config["attack"] != "none":
@@ -198,6 +201,10 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run one experiment on ``grid``; returns ``{"config": ..., "rounds": [per-round metrics]}``.
 
+    With ``pretrain-rounds`` > 0 the rounds start from a benignly pretrained model
+    (:mod:`simulation.pretrain`; round 0's row evaluates it) and the record gets a
+    ``"pretrain"`` summary.
+
     Each round's row has ``round``, the server-side metrics (``acc_main``,
     ``acc_backdoor``, ``loss``), ``seconds`` (wall time since the previous
     evaluation), ``attackers_sampled`` and the strategy's metrics as ``train_*``.
@@ -209,6 +216,9 @@ def run_experiment(
     task = load_task(config)
     initial = ArrayRecord(model_for(task, config).state_dict())
     node_of = discover_partitions(grid, config["num-partitions"], config["round-timeout"])
+    pretrained = None
+    if config["pretrain-rounds"]:
+        initial, pretrained = pretrain(grid, config, node_of, initial)
     sampler = RoundSampler(node_of, config)
     strategy = make_strategy(config, sampler)
     if isinstance(strategy, FLAIN):
@@ -243,7 +253,10 @@ def run_experiment(
         if train_metrics is not None:
             row.update({f"train_{k}": v for k, v in dict(train_metrics).items()})
         rounds.append(row)
-    return {"config": dict(config), "rounds": rounds}
+    record: dict[str, Any] = {"config": dict(config), "rounds": rounds}
+    if pretrained is not None:
+        record["pretrain"] = pretrained
+    return record
 
 
 def make_server_app(

@@ -33,6 +33,9 @@ __all__ = [
 
 Preprocess = Callable[[torch.Tensor], torch.Tensor]
 
+#: Seed entropy of pretraining rounds (client sampling, batch order): they do not replay round r's.
+PRETRAIN_STREAM = 0x9E7
+
 
 def train(
     model: nn.Module,
@@ -191,13 +194,18 @@ def benign_estimates(
 
 
 def local_update(
-    config: Mapping[str, Any], partition_id: int, server_round: int, global_state: Mapping[str, torch.Tensor]
+    config: Mapping[str, Any],
+    partition_id: int,
+    server_round: int,
+    global_state: Mapping[str, torch.Tensor],
+    pretrain: bool = False,
 ) -> ClientResult:
     """Train the global model on partition ``partition_id``: benignly, or as the attacker.
 
     Whether this partition attacks in ``server_round`` follows the run config
     (``malicious-fraction``, ``attack-schedule``, ``attack-every``, ``seed``);
-    ``attack = "none"`` makes every client benign.
+    ``attack = "none"`` makes every client benign, and so does ``pretrain``
+    (a round of :mod:`simulation.pretrain`, with its own shuffling seeds).
     """
     task = load_task(config)
     parts = load_partitions(config)
@@ -211,15 +219,20 @@ def local_update(
     attackers = attacker_partitions(
         config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
     )
-    attacking = config["attack"] != "none" and is_attacking(
-        partition_id,
-        server_round,
-        attackers,
-        config["attack-schedule"],
-        config["attack-every"],
-        config["attack-start-round"],
+    attacking = (
+        not pretrain
+        and config["attack"] != "none"
+        and is_attacking(
+            partition_id,
+            server_round,
+            attackers,
+            config["attack-schedule"],
+            config["attack-every"],
+            config["attack-start-round"],
+        )
     )
-    seed = int(np.random.SeedSequence([config["seed"], partition_id, server_round]).generate_state(1)[0])
+    entropy = [config["seed"], partition_id, server_round] + ([PRETRAIN_STREAM] if pretrain else [])
+    seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
     after_step = None
     if attacking:
         x, y, num_bad = attacks.poisoned_dataset(
