@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,3 +212,12 @@ def test_launcher_refuses_gpu_request_without_gpu(monkeypatch):
     monkeypatch.setattr(launcher, "visible_gpus", lambda: 0)
     with pytest.raises(RuntimeError, match="allow-cpu-fallback"):
         launcher.run({"task": "linear"}, Resources(gpus_per_client="auto"), progress=False)
+
+
+COMMITTED_GRIDS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda p: p.name)
+def test_every_committed_grid_file_is_valid(path):
+    spec = load_grid(path)
+    assert spec.runs(), f"{path.name} defines no runs"
