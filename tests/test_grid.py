@@ -192,7 +192,11 @@ def test_requested_client_resources_reach_rays_scheduler(caplog):
     def main(grid: Grid, context: Context) -> None:
         from flwr.serverapp.strategy import FedAvg
 
-        strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=4, train_metrics_aggr_fn=collect)
+        # min_train_nodes=4: Flower sizes the sample before waiting for nodes, so it
+        # would otherwise train on min_train_nodes (2) when nodes connect late.
+        strategy = FedAvg(
+            fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4, train_metrics_aggr_fn=collect
+        )
         strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(2)]), num_rounds=1)
 
     def collect(contents, key):
