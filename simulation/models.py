@@ -41,9 +41,17 @@ class SmallCNN(nn.Module):
 
 
 def build_model(
-    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, num_features: int = 0
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    num_features: int = 0,
+    pretrained_weights: bool = True,
 ) -> nn.Module:
     """A freshly initialised model (ImageNet-trained for ``"resnet18-imagenet"``).
+
+    ``pretrained_weights=False`` builds ``"resnet18-imagenet"`` without loading the
+    weights file: for callers that overwrite every weight anyway (clients, evaluation).
 
     ``"resnet18"``: ``torchvision.models.resnet18(num_classes=...)`` as is (ImageNet
     stem); ``"resnet18-cifar"``: the same with the usual CIFAR stem (3x3 stride-1
@@ -54,7 +62,7 @@ def build_model(
     if name == "resnet18-imagenet":
         if in_channels != 3:
             raise ValueError(f"model 'resnet18-imagenet' needs RGB inputs, got {in_channels} channel(s)")
-        return imagenet_resnet18(num_classes)
+        return imagenet_resnet18(num_classes, pretrained_weights)
     if name in ("resnet18", "resnet18-cifar"):
         from torchvision.models import resnet18
 
@@ -77,18 +85,19 @@ def build_model(
     )
 
 
-def imagenet_resnet18(num_classes: int) -> nn.Module:
+def imagenet_resnet18(num_classes: int, pretrained_weights: bool = True) -> nn.Module:
     """torchvision's ImageNet-trained ResNet-18 (ImageNet stem) with a fresh ``num_classes`` head.
 
     What the paper's released code fine-tunes on CIFAR-10. torchvision downloads the
     weights once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``); without
     them and without a network, ``FileNotFoundError`` names the file to provide.
+    ``pretrained_weights=False``: the same architecture, randomly initialised.
     """
     from torchvision.models import ResNet18_Weights, resnet18
 
     weights = ResNet18_Weights.IMAGENET1K_V1
     try:
-        model = resnet18(weights=weights)
+        model = resnet18(weights=weights if pretrained_weights else None)
     except OSError as error:  # URLError included: no network
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
         raise FileNotFoundError(

@@ -214,7 +214,7 @@ def run_experiment(
     from .training import make_evaluate_fn, model_for
 
     task = load_task(config)
-    initial = ArrayRecord(model_for(task, config).state_dict())
+    initial = ArrayRecord(model_for(task, config, pretrained_weights=True).state_dict())
     node_of = discover_partitions(grid, config["num-partitions"], config["round-timeout"])
     pretrained = None
     if config["pretrain-rounds"]:

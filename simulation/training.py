@@ -124,11 +124,21 @@ def backdoor_accuracy(
     return float((labels == target).float().mean()) if len(labels) else 0.0
 
 
-def model_for(task: TaskData, config: Mapping[str, Any]) -> nn.Module:
-    """A fresh model of run config ``model`` fitting ``task``'s inputs (seeded by ``seed``)."""
+def model_for(task: TaskData, config: Mapping[str, Any], pretrained_weights: bool = False) -> nn.Module:
+    """A fresh model of run config ``model`` fitting ``task``'s inputs (seeded by ``seed``).
+
+    ``pretrained_weights``: load ``resnet18-imagenet``'s ImageNet weights; only the
+    server's initial model needs them, every other caller loads a state dict next.
+    """
     torch.manual_seed(config["seed"])
     if task.is_image:
-        return build_model(config["model"], task.num_classes, task.train_x.shape[1], task.train_x.shape[-1])
+        return build_model(
+            config["model"],
+            task.num_classes,
+            task.train_x.shape[1],
+            task.train_x.shape[-1],
+            pretrained_weights=pretrained_weights,
+        )
     return build_model(config["model"], task.num_classes, num_features=task.train_x.shape[1])
 
 

@@ -41,3 +41,16 @@ def test_imagenet_resnet18_needs_rgb_images():
         resolve_config({"task": "fmnist", "model": "resnet18-imagenet"})
     with pytest.raises(ValueError, match="RGB"):
         build_model("resnet18-imagenet", num_classes=10, in_channels=1)
+
+
+def test_imagenet_resnet18_architecture_alone_needs_no_weights_file(tmp_path, monkeypatch):
+    """Clients overwrite every weight, so they build the architecture without the file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, *args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    model = build_model("resnet18-imagenet", num_classes=10, pretrained_weights=False)
+    assert set(model.state_dict()) == set(resnet18(num_classes=10).state_dict())
+    assert model.fc.out_features == 10
