@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -88,13 +88,12 @@ def pretrain(
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """``pretrain-rounds`` benign FedAvg rounds from ``initial``; returns the model and a summary.
 
-    The summary has ``rounds``, ``acc_main``, ``acc_backdoor`` and ``loss`` of the
-    pretrained model, ``seconds`` and ``cached`` (whether it came from the cache).
+    The summary has ``rounds``, ``seconds`` and ``cached`` (whether the model came
+    from the cache); the experiment's round-0 evaluation measures the model itself.
     """
     from .server_app import RoundSampler, make_strategy
-    from .training import PRETRAIN_STREAM, make_evaluate_fn
+    from .training import PRETRAIN_STREAM
 
-    evaluate = make_evaluate_fn(config)
     path = cache_file(config)
     started = time.monotonic()
     if path is not None and path.exists():
@@ -120,12 +119,5 @@ def pretrain(
             os.replace(temporary, path)
             log(INFO, "pretrained model saved to %s", path)
         cached = False
-    metrics: MetricRecord = evaluate(0, arrays)
-    summary = {
-        "rounds": config["pretrain-rounds"],
-        **dict(metrics),
-        "seconds": time.monotonic() - started,
-        "cached": cached,
-    }
-    log(INFO, "pretrained model: acc_main %(acc_main).4f acc_backdoor %(acc_backdoor).4f", summary)
+    summary = {"rounds": config["pretrain-rounds"], "seconds": time.monotonic() - started, "cached": cached}
     return arrays, summary

@@ -255,7 +255,8 @@ def run_experiment(
         rounds.append(row)
     record: dict[str, Any] = {"config": dict(config), "rounds": rounds}
     if pretrained is not None:
-        record["pretrain"] = pretrained
+        start = rounds[0]  # round 0 evaluates the pretrained model the strategy started from
+        record["pretrain"] = {**pretrained, **{k: start[k] for k in ("acc_main", "acc_backdoor", "loss")}}
     return record
 
 
