@@ -215,3 +215,23 @@ def test_defense_order() -> None:
         "invariant",
     ]
     assert defense_order(["median", "invariant"]) == ["median", "invariant"]
+
+
+def test_only_settings_that_change_results_are_flagged_as_differing(tmp_path: Path) -> None:
+    """Runs of one cell may keep their pretrained model in different caches; other keys must match."""
+    for seed, cache, rounds in ((0, "a/pretrained", ROUNDS), (1, "b/pretrained", ROUNDS)):
+        run = {**_run_config("linear", "blackbox", "invariant", seed), "pretrain-cache": cache}
+        _write_run(
+            tmp_path,
+            f"invariant__blackbox__seed{seed}",
+            {**run, "pretrain-rounds": rounds},
+            _records(0.8, 0.1),
+        )
+    assert "differ" not in write_report(tmp_path).markdown.read_text()
+    _write_run(
+        tmp_path,
+        "invariant__blackbox__seed2",
+        {**_run_config("linear", "blackbox", "invariant", 2), "pretrain-rounds": ROUNDS + 1},
+        _records(0.8, 0.1),
+    )
+    assert "configs differ in: pretrain-rounds." in write_report(tmp_path).markdown.read_text()
