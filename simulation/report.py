@@ -3,7 +3,11 @@
 Each run lives in ``RESULTS_DIR/<run-name>/`` with ``config.json`` (``{"run": {...}, "completed": ...}``) and
 ``metrics.jsonl`` (one JSON object per round, round 0 being the initial model). Runs are grouped by
 ``(task, attack, defense)``; the table shows the final round's ``acc_main``/``acc_backdoor`` as
-``mean ± std`` over seeds (population std, ``ddof=0``). Incomplete or unreadable runs are skipped and listed.
+``mean ± std`` over seeds (population std, ``ddof=0``). Under an attack, a second table per pair shows how
+much ``acc_backdoor`` moved per round against how many malicious clients that round sampled (and, for
+defenses that report it, the fraction of coordinates the AND-mask kept): a defense that only slows a
+backdoor down shows a steady positive drift that grows with the attackers. Incomplete or unreadable
+runs are skipped and listed.
 
 Example::
 
@@ -109,6 +113,26 @@ class _Group:
 
         return sorted(key for key in keys if variants(key) > 1)
 
+    def by_attackers(self, metric: str, *, change: bool = False) -> dict[int, list[float]]:
+        """``{attackers sampled: values of metric in the rounds (all runs) that sampled that many}``.
+
+        ``change``: the round's change of ``metric`` from the round before instead of its value.
+        Round 0 (the starting model, nothing trained) and rounds without ``attackers_sampled`` are left out.
+        """
+        values: dict[int, list[float]] = {}
+        for run in self.runs:
+            before: dict[str, Any] | None = None
+            for record in run.records:
+                attackers, number = record.get("attackers_sampled"), int(record["round"])
+                value = _as_float(record.get(metric))
+                if change:
+                    follows = before is not None and int(before["round"]) == number - 1
+                    value = value - _as_float(before.get(metric)) if follows else float("nan")
+                before = record
+                if number > 0 and attackers is not None and not np.isnan(value):
+                    values.setdefault(int(attackers), []).append(value)
+        return values
+
     def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rounds, mean and population std of ``metric`` per round over the runs that reached that round."""
         per_round: dict[int, list[float]] = {}
@@ -209,6 +233,50 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
+def _by_attackers_table(groups: Sequence[_Group], metric: str, *, change: bool) -> list[str]:
+    """Markdown rows: a defense per row, a column per number of attackers sampled, ``mean (rounds)`` cells."""
+    tables = {group.defense: group.by_attackers(metric, change=change) for group in groups}
+    tables = {defense: table for defense, table in tables.items() if table}
+    counts = sorted(set().union(*tables.values())) if tables else []
+    if not counts:
+        return []
+    sign = "+" if change else ""
+    lines = [
+        "| defense | " + " | ".join(str(count) for count in counts) + " |",
+        "|:--|" + "--:|" * len(counts),
+    ]
+    for defense, table in tables.items():
+        cells = [f"{np.mean(table[c]):{sign}.3f} ({len(table[c])})" if c in table else "" for c in counts]
+        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _attacker_sections(groups: Sequence[_Group]) -> list[str]:
+    """The per-attacker-count tables of one (task, attack) pair; empty without ``attackers_sampled``."""
+    gain = _by_attackers_table(groups, "acc_backdoor", change=True)
+    if not gain:
+        return []
+    lines = [
+        "### acc_backdoor change per round, by attackers sampled",
+        "",
+        "Mean change of `acc_backdoor` from the round before over the rounds (all seeds) that sampled "
+        "that many malicious clients (columns); the number of such rounds in brackets.",
+        "",
+        *gain,
+    ]
+    mask = _by_attackers_table(groups, "train_mask_fraction", change=False)
+    if mask:
+        lines += [
+            "### AND-mask fraction, by attackers sampled",
+            "",
+            "Mean fraction of coordinates the AND-mask kept in the rounds that sampled that many "
+            "malicious clients.",
+            "",
+            *mask,
+        ]
+    return lines
+
+
 def _markdown(results_dir: Path, pairs: dict[tuple[str, str], list[_Group]], skipped: dict[str, str]) -> str:
     lines = [
         "# Results",
@@ -240,6 +308,8 @@ def _markdown(results_dir: Path, pairs: dict[tuple[str, str], list[_Group]], ski
         lines.append("")
         if notes:
             lines += [f"Note: {note}" for note in notes] + [""]
+        if attack != "none":
+            lines += _attacker_sections(groups)
     if skipped:
         lines += [f"Skipped {len(skipped)} run(s):", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in skipped.items()]

@@ -84,7 +84,7 @@ def results(tmp_path: Path) -> Path:
 
 def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
     """``{defense: cells}`` of the table under the section whose heading contains ``heading``."""
-    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    section = markdown.split(heading, 1)[1].split("\n#", 1)[0]
     rows = {}
     for line in section.splitlines():
         if line.startswith("| ") and not line.startswith("| defense"):
@@ -235,3 +235,51 @@ def test_only_settings_that_change_results_are_flagged_as_differing(tmp_path: Pa
         _records(0.8, 0.1),
     )
     assert "configs differ in: pretrain-rounds." in write_report(tmp_path).markdown.read_text()
+
+
+def test_backdoor_change_by_attackers_sampled(tmp_path: Path) -> None:
+    """Per-round acc_backdoor changes and mask fractions, grouped by attackers sampled, over seeds."""
+    # (attackers sampled, acc_backdoor, mask fraction) for rounds 1..4; round 0 starts at 0.10.
+    seeds = {
+        0: [(2, 0.12, 0.02), (4, 0.20, 0.04), (2, 0.21, 0.02), (0, 0.20, 0.01)],
+        1: [(4, 0.16, 0.06), (4, 0.20, 0.02), (0, 0.20, 0.01), (2, 0.25, 0.02)],
+    }
+    for seed, rounds in seeds.items():
+        records = [{"round": 0, "acc_main": 0.8, "acc_backdoor": 0.10, "attackers_sampled": 0}]
+        for number, (attackers, backdoor, mask) in enumerate(rounds, start=1):
+            records.append(
+                {
+                    "round": number,
+                    "acc_main": 0.8,
+                    "acc_backdoor": backdoor,
+                    "attackers_sampled": attackers,
+                    "train_mask_fraction": mask,
+                }
+            )
+        _write_run(
+            tmp_path,
+            f"invariant__blackbox__seed{seed}",
+            _run_config("linear", "blackbox", "invariant", seed),
+            records,
+        )
+        fedavg = [{k: v for k, v in r.items() if k != "train_mask_fraction"} for r in records]
+        _write_run(
+            tmp_path,
+            f"fedavg__blackbox__seed{seed}",
+            _run_config("linear", "blackbox", "fedavg", seed),
+            fedavg,
+        )
+    _write_run(
+        tmp_path, "invariant__none__seed0", _run_config("linear", "none", "invariant", 0), _records(0.9, 0.0)
+    )
+    text = write_report(tmp_path, plots=False).markdown.read_text(encoding="utf-8")
+
+    # attackers 0: -0.01, 0.00; 2: +0.02, +0.01, +0.05; 4: +0.08, +0.06, +0.04.
+    gain = _table_rows(text, "### acc_backdoor change per round")
+    expected = ["-0.005 (2)", "+0.027 (3)", "+0.060 (3)"]
+    assert gain == {"fedavg": expected, "invariant": expected}
+    assert "| defense | 0 | 2 | 4 |" in text.split("### acc_backdoor change per round", 1)[1]
+    mask = _table_rows(text, "### AND-mask fraction")
+    assert mask == {"invariant": ["0.010 (2)", "0.020 (3)", "0.040 (3)"]}  # fedavg reports no mask
+    # No attack, no attacker tables for that pair.
+    assert text.count("### acc_backdoor change per round") == 1
