@@ -2,7 +2,7 @@
 
 One round from a grid's starting model (its pretrained model when ``pretrain-rounds`` is set), with
 exactly ``A`` of the ``clients-per-round`` sampled partitions malicious. Every malicious partition is
-trained twice: as the attacker and benignly (its counterfactual update, same data order). From the
+trained twice: as the attacker and benignly (its counterfactual update, same shuffling seed). From the
 attacked round's and the counterfactual clean round's pseudo-gradients the server step is formed four
 ways:
 
@@ -17,7 +17,8 @@ step          AND-mask of             trimmed mean of
 
 Each step's model is measured by its mean backdoor margin on the edge-case test inputs (target logit
 minus the largest other logit; it moves where one round's ``acc_backdoor`` barely does),
-``acc_backdoor`` and ``acc_main``. The mask columns say which share of the attacked round's kept
+``acc_backdoor`` and ``acc_main`` (BatchNorm running statistics, which carry no sign votes, stay at
+the starting model's). The mask columns say which share of the attacked round's kept
 coordinates the clean round would have masked (``unmasked``), and the reverse (``masked``).
 
     FLWR_INVARIANT_DATA_ROOT=DATA python -m simulation.attribution configs/fmnist_pretrained.toml \\
@@ -56,7 +57,15 @@ __all__ = [
     "summary",
 ]
 
-STEPS = ("clean", "mask", "values", "attacked")
+# step: (the round whose AND-mask it uses, the round whose trimmed mean it uses)
+STEP_SOURCES = {
+    "clean": ("clean", "clean"),
+    "mask": ("attacked", "clean"),
+    "values": ("clean", "attacked"),
+    "attacked": ("attacked", "attacked"),
+}
+STEPS = tuple(STEP_SOURCES)
+BATCHNORM_STATISTICS = ("running_mean", "running_var")
 
 
 @dataclass
@@ -111,9 +120,7 @@ def combined_steps(
         for name, rows in (("clean", clean), ("attacked", attacked))
     }
     means = {"clean": trimmed_mean(clean, trim_ratio), "attacked": trimmed_mean(attacked, trim_ratio)}
-    sources = {"clean": ("clean", "clean"), "mask": ("attacked", "clean"), "values": ("clean", "attacked")}
-    sources["attacked"] = ("attacked", "attacked")
-    steps = {step: np.where(masks[mask], means[values], 0.0) for step, (mask, values) in sources.items()}
+    steps = {step: np.where(masks[mask], means[values], 0.0) for step, (mask, values) in STEP_SOURCES.items()}
     kept_clean, kept_attacked = masks["clean"].sum(), masks["attacked"].sum()
     stats = {
         "mask_clean": float(masks["clean"].mean()),
@@ -124,18 +131,25 @@ def combined_steps(
     return steps, stats
 
 
-def _float_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
-    return [key for key, tensor in state.items() if tensor.is_floating_point()]
+def _aggregated_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The entries Invariant masks and trims: floating ones other than BatchNorm running statistics."""
+    return [
+        key
+        for key, tensor in state.items()
+        if tensor.is_floating_point() and not key.endswith(BATCHNORM_STATISTICS)
+    ]
+
+
+def _flat(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    return torch.cat([state[key].reshape(-1) for key in keys])
 
 
 def _pseudo_gradients(
     start: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]
 ) -> np.ndarray:
-    """``(N, P)`` float32: each client's ``start - trained`` over the floating entries ``keys``."""
-    flat_start = torch.cat([start[key].reshape(-1) for key in keys])
-    return torch.stack(
-        [flat_start - torch.cat([state[key].reshape(-1) for key in keys]) for state in states]
-    ).numpy()
+    """``(N, P)``: each client's ``start - trained`` over the entries ``keys``, flattened."""
+    flat_start = _flat(start, keys)
+    return torch.stack([flat_start - _flat(state, keys) for state in states]).numpy()
 
 
 def backdoor_margin(logits: torch.Tensor, target: int) -> float:
@@ -161,7 +175,7 @@ def attribute_round(
     counterfactual = [
         local_update(benign_config, pid, server_round, start).state_dict for pid in malicious_ids
     ]
-    keys = _float_keys(start)
+    keys = _aggregated_keys(start)
     steps, stats = combined_steps(
         _pseudo_gradients(start, shared + counterfactual, keys),
         _pseudo_gradients(start, shared + [result.state_dict for result in attacked], keys),
@@ -172,7 +186,7 @@ def attribute_round(
     task = load_task(config)
     edge_inputs = backdoor_test_inputs(task, config)
     model = model_for(task, config)
-    flat_start = torch.cat([start[key].reshape(-1) for key in keys])
+    flat_start = _flat(start, keys)
     margin, acc_backdoor, acc_main = {}, {}, {}
     for step, aggregate in [("start", None), *steps.items()]:
         state = dict(start)
