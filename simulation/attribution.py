@@ -54,6 +54,7 @@ __all__ = [
     "combined_steps",
     "main",
     "sample_round",
+    "start_state",
     "summary",
 ]
 
@@ -279,17 +280,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
 
-    spec = load_grid(args.grid)
-    attacks = [attack for attack in spec.attacks if attack != "none"]
-    if not attacks:
-        raise SystemExit(f"error: {args.grid} has no attack to attribute")
-    overrides = next(
-        (o for _, o in spec.runs() if o["seed"] == args.seed and o["attack"] == attacks[0]), None
-    )
-    if overrides is None:
-        raise SystemExit(f"error: seed {args.seed} is not among the grid's seeds {spec.seeds}")
-    config = resolve_config({**overrides, "defense": "invariant", **parse_sets(args.set)})
     try:
+        spec = load_grid(args.grid)
+        attacks = [attack for attack in spec.attacks if attack != "none"]
+        if not attacks:
+            raise ValueError(f"{args.grid} has no attack to attribute")
+        overrides = next(
+            (o for _, o in spec.runs() if o["seed"] == args.seed and o["attack"] == attacks[0]), None
+        )
+        if overrides is None:
+            raise ValueError(f"seed {args.seed} is not among the grid's seeds {spec.seeds}")
+        config = resolve_config({**overrides, "defense": "invariant", **parse_sets(args.set)})
+        for count in args.attackers:
+            sample_round(config, count, 0)  # an impossible count fails before any training
         start = start_state(config)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -129,6 +129,8 @@ def test_cli_prints_a_row_per_round_and_names_what_is_missing(tmp_path, capsys) 
 
     with pytest.raises(SystemExit, match="seed 3 is not among"):
         main([str(grid), "--seed", "3"])
+    with pytest.raises(SystemExit, match="cannot sample 5 attackers among 6 clients from 4 malicious"):
+        main([str(grid), "--attackers", "2", "5"])
     grid.write_text(grid.read_text() + "pretrain-rounds = 2\n")
     with pytest.raises(SystemExit, match="no pretrained model at .*run the grid first"):
-        main([str(grid)])
+        main([str(grid), "--attackers", "0", "2"])
