@@ -5,13 +5,14 @@
 The numerical core is ``flwr_invariant.aggregate`` (numpy only).
 """
 
-from .aggregate import invariant_aggregate, sign_consistency, trimmed_mean
+from .aggregate import and_mask, invariant_aggregate, sign_consistency, trimmed_mean
 from .round import InvariantConfig
 from .strategy import InvariantAggregation
 
 __all__ = [
     "InvariantAggregation",
     "InvariantConfig",
+    "and_mask",
     "invariant_aggregate",
     "sign_consistency",
     "trimmed_mean",

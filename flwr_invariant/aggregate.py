@@ -25,6 +25,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = [
+    "and_mask",
     "coordinate_median",
     "invariant_aggregate",
     "invariant_update",
@@ -63,8 +64,22 @@ def sign_consistency(stacked: np.ndarray) -> np.ndarray:
     values in ``[0, 1]``.
     """
     stacked = np.asarray(stacked)
-    votes = np.sign(stacked).sum(axis=0, dtype=np.float64)
-    return np.abs(votes) / stacked.shape[0]
+    return _net_votes(stacked) / stacked.shape[0]
+
+
+def and_mask(stacked: np.ndarray, tau: float) -> np.ndarray:
+    """The AND-mask: ``|sum_i sign(x_i)| >= min_votes(N, tau)`` per coordinate, exact in integers.
+
+    ``stacked``: ``(num_clients, ...)``. Returns bool of shape ``stacked.shape[1:]``: the
+    coordinates :func:`invariant_aggregate` keeps.
+    """
+    stacked = np.asarray(stacked)
+    return _net_votes(stacked) >= min_votes(stacked.shape[0], tau)
+
+
+def _net_votes(stacked: np.ndarray) -> np.ndarray:
+    """``|sum_i sign(x_i)|`` over axis 0 (whole numbers, as float64)."""
+    return np.abs(np.sign(stacked).sum(axis=0, dtype=np.float64))
 
 
 def trimmed_mean(stacked: np.ndarray, trim_ratio: float) -> np.ndarray:

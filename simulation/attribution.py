@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr_invariant.aggregate import min_votes, trimmed_mean
+from flwr_invariant.aggregate import and_mask, trimmed_mean
 
 from .attacks import backdoor_test_inputs
 from .config import resolve_config
@@ -115,11 +115,7 @@ def combined_steps(
     weights are ``w - aggregate`` at server learning rate 1) and ``mask_clean``, ``mask_attacked``,
     ``unmasked``, ``masked``.
     """
-    votes_needed = min_votes(clean.shape[0], tau)
-    masks = {
-        name: np.abs(np.sign(rows).sum(axis=0)) >= votes_needed
-        for name, rows in (("clean", clean), ("attacked", attacked))
-    }
+    masks = {"clean": and_mask(clean, tau), "attacked": and_mask(attacked, tau)}
     means = {"clean": trimmed_mean(clean, trim_ratio), "attacked": trimmed_mean(attacked, trim_ratio)}
     steps = {step: np.where(masks[mask], means[values], 0.0) for step, (mask, values) in STEP_SOURCES.items()}
     kept_clean, kept_attacked = masks["clean"].sum(), masks["attacked"].sum()
@@ -146,10 +142,9 @@ def _flat(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tenso
 
 
 def _pseudo_gradients(
-    start: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]
+    flat_start: torch.Tensor, states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]
 ) -> np.ndarray:
     """``(N, P)``: each client's ``start - trained`` over the entries ``keys``, flattened."""
-    flat_start = _flat(start, keys)
     return torch.stack([flat_start - _flat(state, keys) for state in states]).numpy()
 
 
@@ -177,9 +172,10 @@ def attribute_round(
         local_update(benign_config, pid, server_round, start).state_dict for pid in malicious_ids
     ]
     keys = _aggregated_keys(start)
+    flat_start = _flat(start, keys)
     steps, stats = combined_steps(
-        _pseudo_gradients(start, shared + counterfactual, keys),
-        _pseudo_gradients(start, shared + [result.state_dict for result in attacked], keys),
+        _pseudo_gradients(flat_start, shared + counterfactual, keys),
+        _pseudo_gradients(flat_start, shared + [result.state_dict for result in attacked], keys),
         config["tau"],
         config["trim-ratio"],
     )
@@ -187,7 +183,6 @@ def attribute_round(
     task = load_task(config)
     edge_inputs = backdoor_test_inputs(task, config)
     model = model_for(task, config)
-    flat_start = _flat(start, keys)
     margin, acc_backdoor, acc_main = {}, {}, {}
     for step, aggregate in [("start", None), *steps.items()]:
         state = dict(start)
@@ -216,7 +211,8 @@ def _split(flat: torch.Tensor, like: Mapping[str, torch.Tensor], keys: Sequence[
 def start_state(config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The grid's starting model: its cached pretrained model, or the seed's fresh model."""
     task = load_task(config)
-    template = model_for(task, config, pretrained_weights=True).state_dict()
+    # ImageNet weights only where they start the run; a cached model replaces every weight.
+    template = model_for(task, config, pretrained_weights=not config["pretrain-rounds"]).state_dict()
     if not config["pretrain-rounds"]:
         return template
     path = cache_file(config)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flwr_invariant.aggregate import (
+    and_mask,
     coordinate_median,
     invariant_aggregate,
     invariant_update,
@@ -73,6 +74,18 @@ def test_sign_consistency_and_trimmed_mean_public_functions() -> None:
     expected = reference_aggregate(stacked, 0.0, 0.25)
     np.testing.assert_allclose(trimmed_mean(stacked, 0.25), expected, atol=1e-6)
     assert trimmed_mean(stacked, 0.25).shape == (4, 5)
+
+
+def test_and_mask_is_the_mask_invariant_aggregate_applies() -> None:
+    rng = np.random.default_rng(11)
+    for num_clients, tau in ((20, 0.6), (20, 0.7), (7, 0.5), (5, 1.0)):
+        stacked = rng.integers(-2, 3, size=(num_clients, 400)).astype(np.float32)
+        kept = and_mask(stacked, tau)
+        votes = np.abs(np.sign(stacked).sum(axis=0))
+        np.testing.assert_array_equal(kept, votes / num_clients >= tau - 1e-12)
+        aggregate = invariant_aggregate([[row] for row in stacked], tau, 0.45)[0]
+        np.testing.assert_array_equal(aggregate, np.where(kept, trimmed_mean(stacked, 0.45), 0.0))
+    assert not and_mask(np.zeros((4, 3)), 0.1).any()  # zeros are no vote
 
 
 def test_trim_count_follows_the_design() -> None:
