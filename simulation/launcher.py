@@ -130,7 +130,8 @@ def run(
 
     def round_done(row: dict[str, Any]) -> None:
         bar.update(1)
-        bar.set_postfix(acc_main=f"{row['acc_main']:.3f}", acc_backdoor=f"{row['acc_backdoor']:.3f}")
+        shown = {k: f"{row[k]:.3f}" for k in ("acc_main", "acc_backdoor") if k in row}
+        bar.set_postfix(shown)
         if on_round is not None:
             on_round(row)
 

@@ -138,7 +138,9 @@ class _Group:
         per_round: dict[int, list[float]] = {}
         for run in self.runs:
             for record in run.records:
-                per_round.setdefault(int(record["round"]), []).append(_as_float(record.get(metric)))
+                value = _as_float(record.get(metric))
+                if not np.isnan(value):  # acc_main is absent on rounds that eval-every skips
+                    per_round.setdefault(int(record["round"]), []).append(value)
         rounds = np.array(sorted(per_round), dtype=int)
         values = [np.array(per_round[r], dtype=float) for r in rounds]
         return rounds, np.array([v.mean() for v in values]), np.array([v.std() for v in values])

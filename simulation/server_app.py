@@ -205,8 +205,8 @@ def run_experiment(
     (:mod:`simulation.pretrain`; round 0's row evaluates it) and the record gets a
     ``"pretrain"`` summary.
 
-    Each round's row has ``round``, the server-side metrics (``acc_main``,
-    ``acc_backdoor``, ``loss``), ``seconds`` (wall time since the previous
+    Each round's row has ``round``, the server-side metrics (``acc_backdoor``;
+    ``acc_main`` and ``loss`` on the rounds ``eval-every`` evaluates), ``seconds`` (wall time since the previous
     evaluation), ``attackers_sampled`` and the strategy's metrics as ``train_*``.
     ``on_round`` gets each evaluation row (without ``train_*``) as it happens.
     """
@@ -278,11 +278,8 @@ def make_server_app(
         log(INFO, "simulation config: %s", {k: config[k] for k in ("task", "defense", "attack", "backdoor")})
         record = run_experiment(grid, config, on_round)
         for row in record["rounds"]:
-            log(
-                INFO,
-                "round %(round)s: acc_main %(acc_main).4f acc_backdoor %(acc_backdoor).4f loss %(loss).4f",
-                row,
-            )
+            shown = " ".join(f"{k} {row[k]:.4f}" for k in ("acc_main", "acc_backdoor", "loss") if k in row)
+            log(INFO, "round %s: %s", row["round"], shown)
         if config["results-file"]:
             path = Path(config["results-file"])
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,30 @@ def test_evaluate_fn_metrics() -> None:
     assert metrics["acc_main"] == pytest.approx(float((task.test_y == 1).float().mean()))
 
 
+def test_eval_every_skips_the_clean_test_set_but_not_the_backdoor_set() -> None:
+    config = resolve_config({**LINEAR, "eval-every": 3, "num-server-rounds": 7})
+    task = load_task(config)
+    arrays = ArrayRecord(model_for(task, config).state_dict())
+    evaluate_fn = make_evaluate_fn(config)
+    full = [r for r in range(8) if "acc_main" in evaluate_fn(r, arrays)]
+    assert full == [0, 3, 6, 7]  # round 0, every third, the last
+    assert all("acc_backdoor" in evaluate_fn(r, arrays) for r in range(8))
+    assert "loss" not in evaluate_fn(1, arrays)
+    with pytest.raises(ValueError, match="'eval-every'"):
+        resolve_config({**LINEAR, "eval-every": 0})
+
+
+def test_run_simulation_with_eval_every() -> None:
+    from simulation.compare import run_one
+
+    record = run_one({**LINEAR, "num-server-rounds": 3, "eval-every": 2})
+    rounds = record["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert [("acc_main" in r) for r in rounds] == [True, False, True, True]
+    assert all(0.0 <= r["acc_backdoor"] <= 1.0 for r in rounds)
+    assert "train_num_aggregated" in rounds[1]
+
+
 def test_run_simulation_linear_invariant() -> None:
     from simulation.compare import run_one
 
