@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     "round-timeout": 3600.0,  # seconds a round (and the wait for all nodes) may take
-    "eval-every": 1,  # evaluate the clean test set every k rounds (and round 0 and the last); backdoor: every round
+    "eval-every": 1,  # clean test set every k rounds (and rounds 0 and last); backdoor set every round
     "results-file": "",  # JSON file the ServerApp writes per-round metrics to ("" = none)
     "pretrain-rounds": 0,  # benign FedAvg rounds that train the starting model (see simulation/pretrain.py)
     "pretrain-cache": "",  # directory keeping pretrained starting models ("" = none)

@@ -206,8 +206,9 @@ def run_experiment(
     ``"pretrain"`` summary.
 
     Each round's row has ``round``, the server-side metrics (``acc_backdoor``;
-    ``acc_main`` and ``loss`` on the rounds ``eval-every`` evaluates), ``seconds`` (wall time since the previous
-    evaluation), ``attackers_sampled`` and the strategy's metrics as ``train_*``.
+    ``acc_main`` and ``loss`` on the rounds ``eval-every`` evaluates), ``seconds``
+    (wall time since the previous evaluation), ``attackers_sampled`` and the strategy's
+    metrics as ``train_*``.
     ``on_round`` gets each evaluation row (without ``train_*``) as it happens.
     """
     from .data import load_task
