@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
-from flwr_invariant.message_api import ScreenedReplies
+from flwr_invariant.screened_replies import ScreenedReplies
 
 __all__ = ["FLAIN", "FlainRepair", "flip_low_activation_updates", "rescale_to_norm"]
 

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from flwr_invariant.message_api import ScreenedReplies
+from flwr_invariant.screened_replies import ScreenedReplies
 
 __all__ = [
     "KrumTrimmedMean",

@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_invariant.message_api import ScreenedReplies
+from flwr_invariant.screened_replies import ScreenedReplies
 
 from .common import apply_step, flat_pseudo_gradients
 

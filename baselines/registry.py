@@ -16,6 +16,7 @@ from typing import Any
 from flwr.common.logger import log
 
 import flwr_invariant.serverapp
+from flwr_invariant.settings import DEFAULT_SERVER_LEARNING_RATE, DEFAULT_TAU, DEFAULT_TRIM_RATIO
 
 from .flain import FLAIN
 from .flame import FLAME
@@ -49,9 +50,9 @@ def assumed_malicious(config: Mapping[str, Any]) -> int:
 
 def _invariant(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
     kwargs = {
-        "tau": config.get("tau", 0.6),
-        "trim_ratio": config.get("trim-ratio", 0.45),
-        "server_learning_rate": config.get("server-learning-rate", 1.0),
+        "tau": config.get("tau", DEFAULT_TAU),
+        "trim_ratio": config.get("trim-ratio", DEFAULT_TRIM_RATIO),
+        "server_learning_rate": config.get("server-learning-rate", DEFAULT_SERVER_LEARNING_RATE),
     }
     return flwr_invariant.serverapp.InvariantAggregation, kwargs
 

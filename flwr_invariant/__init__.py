@@ -2,11 +2,13 @@
 
 ``InvariantAggregation`` here is the ``flwr.server.strategy`` strategy;
 ``flwr_invariant.serverapp.InvariantAggregation`` is its Message API twin.
-The numerical core is ``flwr_invariant.aggregate`` (numpy only).
+The algorithm, stated plainly, is ``flwr_invariant.aggregate`` (numpy only); the
+fast implementations are in ``flwr_invariant.engines``; the settings and their
+defaults in ``flwr_invariant.settings``.
 """
 
 from .aggregate import and_mask, invariant_aggregate, sign_consistency, trimmed_mean
-from .round import InvariantConfig
+from .settings import InvariantConfig
 from .strategy import InvariantAggregation
 
 __all__ = [

@@ -1,26 +1,31 @@
-"""Invariant aggregation (Wang et al., AISTATS 2024, Algorithm 1) on plain numpy arrays.
+"""The Invariant Aggregator (Wang et al., AISTATS 2024, Algorithm 1), stated plainly in numpy.
 
-No Flower import: this module is the numerical core that both strategy adapters call.
+This module is the reference a reader checks against the paper. The engines in
+:mod:`flwr_invariant.engines` compute the same numbers fast and are tested against it.
+No Flower import.
+
+Clients return weights ``w_i``; their pseudo-gradients are ``g_i = w - w_i`` against
+the global weights ``w``. Per coordinate:
+
+1. sign votes: ``v = |sum_i sign(g_i)|``, with ``sign(0) = 0``;
+2. AND-mask: keep the coordinate if ``v / N >= tau`` (compared in integers,
+   ``v >= min_votes(N, tau)``, so no rounding decides it);
+3. trimmed mean: drop ``b = trim_count(N, trim_ratio)`` values from each tail and
+   average the ``N - 2b`` left (summed in float64, in rank order);
+4. step: ``w' = w - server_learning_rate * mask * trimmed_mean``.
+
+Arrays that are not trained weights take the lower coordinate-wise median of the
+returned values instead: non-floating arrays (BatchNorm's ``num_batches_tracked``)
+and the layers a caller names (BatchNorm running statistics, which have no gradient).
 
 Shapes: a "stacked" array is ``(num_clients, *layer_shape)``; a model is a list of
-layer arrays; ``pseudo_gradients`` is a list over clients of such lists.
-
-Speed: the trimmed mean needs, per coordinate, the values of ranks ``[b, N - b)``.
-``np.partition`` / ``np.sort`` over millions of tiny columns cost seconds, so the
-values are instead pushed through a min/max comparator network (Batcher's
-odd-even merge sort, pruned to the ranks we need) whose every comparator is one
-vectorised ``np.minimum`` / ``np.maximum`` over a cache-sized chunk of
-coordinates. Chunks run in a thread pool (numpy ufuncs release the GIL).
+layer arrays; ``client_weights[i][l]`` is client i's array for layer l.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
 import numpy as np
 
@@ -32,12 +37,10 @@ __all__ = [
     "median_of",
     "min_votes",
     "sign_consistency",
+    "sign_votes",
     "trim_count",
     "trimmed_mean",
 ]
-
-# Bytes of client values held per chunk (N rows x chunk coordinates); fits in L2/L3.
-DEFAULT_CHUNK_BYTES = 4 * 2**20
 
 
 def trim_count(num_values: int, trim_ratio: float) -> int:
@@ -52,57 +55,52 @@ def trim_count(num_values: int, trim_ratio: float) -> int:
 def min_votes(num_clients: int, tau: float) -> int:
     """Smallest ``k`` with ``k / N >= tau``: the mask keeps ``|sum_i sign(g_i)| >= k``.
 
-    Comparing integer vote counts is exact; ``N + 1`` means nothing passes.
+    ``N + 1`` means nothing passes.
     """
     return next((k for k in range(num_clients + 1) if k / num_clients >= tau), num_clients + 1)
 
 
-def sign_consistency(stacked: np.ndarray) -> np.ndarray:
-    """``|mean_i sign(x_i)|`` per coordinate, ``sign(0) = 0``.
-
-    ``stacked``: ``(num_clients, ...)``. Returns float64 of shape ``stacked.shape[1:]``,
-    values in ``[0, 1]``.
-    """
-    stacked = np.asarray(stacked)
-    return _net_votes(stacked) / stacked.shape[0]
-
-
-def and_mask(stacked: np.ndarray, tau: float) -> np.ndarray:
-    """The AND-mask: ``|sum_i sign(x_i)| >= min_votes(N, tau)`` per coordinate, exact in integers.
-
-    ``stacked``: ``(num_clients, ...)``. Returns bool of shape ``stacked.shape[1:]``: the
-    coordinates :func:`invariant_aggregate` keeps.
-    """
-    stacked = np.asarray(stacked)
-    return _net_votes(stacked) >= min_votes(stacked.shape[0], tau)
-
-
-def _net_votes(stacked: np.ndarray) -> np.ndarray:
-    """``|sum_i sign(x_i)|`` over axis 0 (whole numbers, as float64)."""
+def sign_votes(stacked: np.ndarray) -> np.ndarray:
+    """``|sum_i sign(x_i)|`` per coordinate: whole numbers (as float64), shape ``stacked.shape[1:]``."""
     return np.abs(np.sign(stacked).sum(axis=0, dtype=np.float64))
 
 
-def trimmed_mean(stacked: np.ndarray, trim_ratio: float) -> np.ndarray:
-    """Coordinate-wise trimmed mean (paper Def. 3) over axis 0.
+def sign_consistency(stacked: np.ndarray) -> np.ndarray:
+    """``|mean_i sign(x_i)|`` per coordinate, in ``[0, 1]``; float64 of shape ``stacked.shape[1:]``."""
+    stacked = np.asarray(stacked)
+    return sign_votes(stacked) / stacked.shape[0]
 
-    Drops ``trim_count(N, trim_ratio)`` values from each tail of every coordinate
-    and averages the rest (accumulated in float64). ``stacked``: ``(N, ...)``;
-    returns ``stacked.shape[1:]`` in the input's floating dtype.
+
+def and_mask(stacked: np.ndarray, tau: float) -> np.ndarray:
+    """The AND-mask: bool, shape ``stacked.shape[1:]``, True where ``sign_consistency >= tau``."""
+    stacked = np.asarray(stacked)
+    return sign_votes(stacked) >= min_votes(stacked.shape[0], tau)
+
+
+def trimmed_mean(stacked: np.ndarray, trim_ratio: float) -> np.ndarray:
+    """Coordinate-wise trimmed mean (paper Def. 3) over axis 0, in the input's floating dtype.
+
+    Sorts each coordinate, sums the values of ranks ``[b, N - b)`` in float64 in
+    rank order, divides by ``N - 2b``. ``stacked``: ``(N, ...)``.
     """
     stacked = np.asarray(stacked)
-    trim = trim_count(stacked.shape[0], trim_ratio)
-    rows = [np.array(row, copy=True).reshape(-1) for row in stacked]
-    middle_sum = _middle_sum(rows, trim, np.empty_like(rows[0]), np.empty(rows[0].size))
-    kept = stacked.shape[0] - 2 * trim
-    out_dtype = stacked.dtype if stacked.dtype.kind == "f" else np.float64
-    return (middle_sum / kept).astype(out_dtype).reshape(stacked.shape[1:])
+    num_values = stacked.shape[0]
+    trim = trim_count(num_values, trim_ratio)
+    out_dtype = stacked.dtype if stacked.dtype.kind == "f" else np.dtype(np.float64)
+    return (_middle_sum(stacked, trim) / (num_values - 2 * trim)).astype(out_dtype)
+
+
+def _middle_sum(stacked: np.ndarray, trim: int) -> np.ndarray:
+    """Sum of the values of ranks ``[trim, N - trim)`` per coordinate, float64, added in rank order."""
+    ranked = np.sort(stacked, axis=0)[trim : stacked.shape[0] - trim]
+    return sum(ranked.astype(np.float64), start=np.zeros(stacked.shape[1:]))
 
 
 def coordinate_median(stacked: np.ndarray) -> np.ndarray:
     """Lower coordinate-wise median over axis 0, always one of the input values.
 
-    Used for non-floating arrays (e.g. BatchNorm's ``num_batches_tracked``), which
-    must never be masked, averaged or cast to float. Shape ``stacked.shape[1:]``.
+    Used for arrays that must never be masked, averaged or cast to float (e.g.
+    BatchNorm's ``num_batches_tracked``). Shape ``stacked.shape[1:]``.
     """
     stacked = np.asarray(stacked)
     lower_middle = (stacked.shape[0] - 1) // 2
@@ -115,24 +113,19 @@ def median_of(arrays: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
 
 
 def invariant_aggregate(
-    pseudo_gradients: Sequence[Sequence[np.ndarray]],
-    tau: float,
-    trim_ratio: float,
-    *,
-    num_threads: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    pseudo_gradients: Sequence[Sequence[np.ndarray]], tau: float, trim_ratio: float
 ) -> list[np.ndarray]:
-    """AND-masked trimmed mean of client pseudo-gradients, per layer.
+    """Per layer, ``where(and_mask(tau), trimmed_mean(trim_ratio), 0)`` of the clients' pseudo-gradients.
 
-    ``pseudo_gradients[i][l]`` is client i's array for layer l (all clients share
-    layer shapes). Returns, per layer,
-    ``where(sign_consistency >= tau, trimmed_mean(trim_ratio), 0)`` in the layer's
-    floating dtype. Inputs are not modified.
+    ``pseudo_gradients[i][l]`` is client i's array for layer l. Returns the layer
+    shapes in their floating dtype (float64 for integer input).
     """
-    layers = list(zip(*pseudo_gradients, strict=True))
-    engine = _ChunkEngine(len(pseudo_gradients), tau, trim_ratio, num_threads, chunk_bytes)
-    results = engine.run([(list(layer), None, 0.0) for layer in layers])
-    return [aggregate for aggregate, _ in results]
+    aggregates = []
+    for layer in zip(*pseudo_gradients, strict=True):
+        stacked = np.stack([np.asarray(g) for g in layer])
+        mean = trimmed_mean(stacked, trim_ratio)
+        aggregates.append(np.where(and_mask(stacked, tau), mean, np.zeros_like(mean)))
+    return aggregates
 
 
 def invariant_update(
@@ -143,200 +136,28 @@ def invariant_update(
     trim_ratio: float,
     server_learning_rate: float = 1.0,
     median_layers: Collection[int] = (),
-    num_threads: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[list[np.ndarray], float]:
-    """One server step of Algorithm 1 from returned weights.
+    """One server step of Algorithm 1 from the clients' returned weights (the reference engine).
 
-    Floating layers: ``g_i = w - w_i`` (formed chunk by chunk, never all at once),
-    ``w' = w - server_learning_rate * masked_trimmed_mean(g)``. Non-floating
-    layers, and those listed in ``median_layers`` (e.g. BatchNorm running
-    statistics): the lower coordinate-wise median of the returned values.
-
-    Returns the new weights (dtypes and shapes of ``global_weights``) and the
-    mask fraction: kept coordinates / all coordinates of the invariant layers
-    (1.0 if there are none). Inputs are not modified.
+    Returns the new weights (dtypes and shapes of ``global_weights``) and the mask
+    fraction: kept coordinates / all coordinates of the masked layers (1.0 if
+    there are none). ``median_layers``: indices of floating layers that take the
+    coordinate-wise median instead. Inputs are not modified.
     """
-    engine = _ChunkEngine(len(client_weights), tau, trim_ratio, num_threads, chunk_bytes)
-    float_jobs = []
-    new_weights: list[np.ndarray | None] = []
-    for index, reference in enumerate(global_weights):
-        layer = [weights[index] for weights in client_weights]
-        if reference.dtype.kind == "f" and index not in median_layers:
-            float_jobs.append((layer, reference, server_learning_rate))
-            new_weights.append(None)
-        else:
-            new_weights.append(median_of(layer, reference.dtype))
-    float_results = iter(engine.run(float_jobs))
+    if not client_weights:
+        raise ValueError("invariant aggregation needs at least one client update")
+    new_weights: list[np.ndarray] = []
     kept = total = 0
-    for index, weights in enumerate(new_weights):
-        if weights is None:
-            new_weights[index], layer_kept = next(float_results)
-            kept += layer_kept
-            total += new_weights[index].size
+    for index, w in enumerate(global_weights):
+        layer = [weights[index] for weights in client_weights]
+        if w.dtype.kind != "f" or index in median_layers:
+            new_weights.append(median_of(layer, w.dtype))
+            continue
+        pseudo_gradients = np.stack([w - np.asarray(w_i, dtype=w.dtype) for w_i in layer])
+        mask = and_mask(pseudo_gradients, tau)
+        trim = trim_count(len(layer), trim_ratio)
+        step = _middle_sum(pseudo_gradients, trim) * mask / (len(layer) - 2 * trim)
+        new_weights.append((w - server_learning_rate * step).astype(w.dtype))
+        kept += int(mask.sum())
+        total += mask.size
     return new_weights, (kept / total if total else 1.0)
-
-
-@lru_cache(maxsize=256)
-def _comparator_network(num_values: int, wanted: tuple[int, ...]) -> tuple:
-    """Batcher odd-even merge sort comparators on ``num_values`` wires, pruned.
-
-    Returns ``(low, high, need_min, need_max)`` tuples in execution order: only
-    comparators that can influence the wires in ``wanted`` are kept, and each does
-    only the half (min to ``low``, max to ``high``) that is used later.
-    """
-    padded = 1 << max(num_values - 1, 0).bit_length()
-    comparators = []
-    block = 1
-    while block < padded:
-        step = block
-        while step >= 1:
-            for start in range(step % block, padded - step, 2 * step):
-                for offset in range(min(step, padded - start - step)):
-                    low, high = offset + start, offset + start + step
-                    # Wires >= num_values hold +inf: comparators touching them are no-ops.
-                    if low // (2 * block) == high // (2 * block) and high < num_values:
-                        comparators.append((low, high))
-            step //= 2
-        block *= 2
-    needed = set(wanted)
-    pruned = []
-    for low, high in reversed(comparators):
-        need_min, need_max = low in needed, high in needed
-        if need_min or need_max:
-            pruned.append((low, high, need_min, need_max))
-            needed.update((low, high))
-    return tuple(reversed(pruned))
-
-
-def _middle_sum(rows: list[np.ndarray], trim: int, scratch: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """Sum over the values of ranks ``[trim, N - trim)`` per coordinate, into ``total``.
-
-    ``rows``: N equal-length 1-D arrays, one per client, and ``scratch`` one more
-    of the same length; all are overwritten. ``total``: float64, same length.
-    """
-    num_values = len(rows)
-    wanted = tuple(range(trim, num_values - trim))
-    if trim:
-        for low, high, need_min, need_max in _comparator_network(num_values, wanted):
-            if need_min and need_max:
-                np.minimum(rows[low], rows[high], out=scratch)
-                np.maximum(rows[low], rows[high], out=rows[high])
-                rows[low], scratch = scratch, rows[low]
-            elif need_min:
-                np.minimum(rows[low], rows[high], out=rows[low])
-            else:
-                np.maximum(rows[low], rows[high], out=rows[high])
-    total[:] = rows[wanted[0]]
-    for rank in wanted[1:]:
-        total += rows[rank]
-    return total
-
-
-class _ChunkEngine:
-    """Runs masked trimmed means over chunks of layers in a thread pool."""
-
-    def __init__(
-        self,
-        num_clients: int,
-        tau: float,
-        trim_ratio: float,
-        num_threads: int | None,
-        chunk_bytes: int,
-    ) -> None:
-        if num_clients < 1:
-            raise ValueError("invariant aggregation needs at least one client update")
-        self.num_clients = num_clients
-        self.trim = trim_count(num_clients, trim_ratio)
-        self.min_votes = min_votes(num_clients, tau)
-        self.num_threads = num_threads or min(os.cpu_count() or 1, 8)
-        self.chunk_bytes = chunk_bytes
-        # Each thread reuses its buffers: fresh chunk-sized arrays cost an mmap and
-        # page faults apiece, which took longer than the arithmetic on them.
-        self._buffers = threading.local()
-
-    def step_for(self, dtype: np.dtype) -> int:
-        """Coordinates per chunk for values of ``dtype``."""
-        return max(1, self.chunk_bytes // (self.num_clients * np.dtype(dtype).itemsize))
-
-    def run(
-        self, jobs: list[tuple[list[np.ndarray], np.ndarray | None, float]]
-    ) -> list[tuple[np.ndarray, int]]:
-        """Each job is ``(client_arrays, reference, learning_rate)``.
-
-        Without a reference the client arrays are the pseudo-gradients and the
-        result is the masked trimmed mean; with one, values are
-        ``reference - client`` and the result is ``reference - lr * aggregate``.
-        Returns ``(result, kept_coordinates)`` per job.
-        """
-        tasks = []
-        outputs = []
-        for arrays, reference, learning_rate in jobs:
-            template = reference if reference is not None else arrays[0]
-            dtype = template.dtype if template.dtype.kind == "f" else np.dtype(np.float64)
-            flats = [np.ravel(a) for a in arrays]
-            flat_ref = None if reference is None else np.ravel(reference)
-            out = np.empty(flats[0].size, dtype=dtype)
-            outputs.append((out, template.shape))
-            step = self.step_for(dtype)
-            for start in range(0, out.size, step):
-                window = slice(start, min(start + step, out.size))
-                tasks.append((flats, flat_ref, learning_rate, out, window, len(outputs) - 1))
-        kept = [0] * len(outputs)
-        if self.num_threads > 1 and len(tasks) > 1:
-            with ThreadPoolExecutor(self.num_threads) as pool:
-                counts = list(pool.map(self._run_chunk, tasks))
-        else:
-            counts = [self._run_chunk(task) for task in tasks]
-        for task, count in zip(tasks, counts, strict=True):
-            kept[task[-1]] += count
-        return [(out.reshape(shape), kept[i]) for i, (out, shape) in enumerate(outputs)]
-
-    def _scratch(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """This thread's reusable buffers, one chunk long.
-
-        ``values``: ``2N + 2`` rows of ``dtype`` (client values, their masked
-        compaction, a spare row, the votes); ``sums``: 2 float64 rows.
-        """
-        key = np.dtype(dtype).str
-        if getattr(self._buffers, "key", None) != key:
-            length = self.step_for(dtype)
-            self._buffers.key = key
-            self._buffers.values = np.empty((2 * self.num_clients + 2, length), dtype=dtype)
-            self._buffers.sums = np.empty((2, length), dtype=np.float64)
-        return self._buffers.values, self._buffers.sums
-
-    def _run_chunk(self, task: tuple) -> int:
-        flats, flat_ref, learning_rate, out, window, _ = task
-        size = window.stop - window.start
-        values, sums = self._scratch(out.dtype)
-        n = self.num_clients
-        rows, compact = list(values[:n, :size]), list(values[n : 2 * n])
-        spare, votes = values[2 * n, :size], values[2 * n + 1, :size]
-        for row, flat in zip(rows, flats, strict=True):
-            if flat_ref is None:
-                row[:] = flat[window]
-            else:
-                np.subtract(flat_ref[window], flat[window], out=row)
-        votes.fill(0)
-        for row in rows:
-            np.sign(row, out=spare)
-            votes += spare
-        mask = np.abs(votes, out=votes) >= self.min_votes
-        kept = np.flatnonzero(mask)
-        mean = sums[1, :size]
-        if 4 * kept.size < size:  # gathering costs about as much as the network saves at ~50%
-            # The trimmed mean only matters where the mask keeps a coordinate.
-            mean.fill(0.0)
-            if kept.size:
-                dense = [np.take(row, kept, out=c[: kept.size]) for row, c in zip(rows, compact, strict=True)]
-                mean[kept] = _middle_sum(dense, self.trim, spare[: kept.size], sums[0, : kept.size])
-        else:
-            np.multiply(_middle_sum(rows, self.trim, spare, sums[0, :size]), mask, out=mean)
-        mean /= n - 2 * self.trim
-        if flat_ref is None:
-            out[window] = mean
-        else:
-            mean *= learning_rate
-            np.subtract(flat_ref[window], mean, out=out[window], casting="same_kind")
-        return int(kept.size)

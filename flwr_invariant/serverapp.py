@@ -10,16 +10,23 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 
-from .message_api import ScreenedReplies
-from .round import InvariantSettings
+from .screened_replies import ScreenedReplies
+from .settings import (
+    DEFAULT_BACKEND,
+    DEFAULT_SERVER_LEARNING_RATE,
+    DEFAULT_TAU,
+    DEFAULT_TRIM_RATIO,
+    InvariantConfig,
+    check_strategy_keywords,
+)
 
 __all__ = ["InvariantAggregation"]
 
 
-class InvariantAggregation(InvariantSettings, ScreenedReplies, FedAvg):
+class InvariantAggregation(ScreenedReplies, FedAvg):
     """Invariant Aggregator (Wang et al., AISTATS 2024) as a Message API ``FedAvg``.
 
-    The same algorithm and core as :class:`flwr_invariant.InvariantAggregation`
+    The same algorithm and engines as :class:`flwr_invariant.InvariantAggregation`
     (identical weights on identical inputs), for ``ServerApp``s built on
     ``flwr.serverapp.strategy``. Each reply must carry one ``ArrayRecord`` with
     the global model's keys and one ``MetricRecord`` with ``weighted_by_key``
@@ -29,9 +36,17 @@ class InvariantAggregation(InvariantSettings, ScreenedReplies, FedAvg):
 
     Parameters
     ----------
-    tau, trim_ratio, server_learning_rate, backend, num_threads
-        As in :class:`flwr_invariant.InvariantAggregation` (defaults 0.6, 0.45,
-        1.0, "numpy", CPU count).
+    tau : float (default: 0.6)
+        Sign-consistency threshold of the AND-mask, in [0, 1].
+    trim_ratio : float (default: 0.45)
+        Fraction trimmed from each tail per coordinate, in [0, 0.5).
+    server_learning_rate : float (default: 1.0)
+        Server step size along the aggregated pseudo-gradient, > 0.
+    backend : str (default: "numpy")
+        Engine: "numpy", "torch" (CUDA if visible, else CPU), "auto" (torch on a
+        GPU when there is one) or "reference" (slow, for checking).
+    num_threads : int, optional
+        Threads of the numpy engine (default: CPU count, at most 8).
     median_keys : tuple of str (default: ("running_mean", "running_var"))
         Floating arrays whose key ends with one of these are statistics, not
         trained weights (PyTorch BatchNorm buffers by default): they take the
@@ -39,7 +54,8 @@ class InvariantAggregation(InvariantSettings, ScreenedReplies, FedAvg):
         trimmed mean (the authors' code leaves them out of the aggregation).
     **fedavg_kwargs
         Any keyword argument of ``flwr.serverapp.strategy.FedAvg``
-        (``fraction_train``, ``min_train_nodes``, ``train_metrics_aggr_fn``, ...).
+        (``fraction_train``, ``min_train_nodes``, ``train_metrics_aggr_fn``, ...);
+        any other keyword raises ``TypeError`` naming it.
 
     ``aggregate_train`` returns a ``MetricRecord`` with ``mask_fraction``,
     ``num_excluded``, ``num_aggregated``, ``num_failures`` and ``trim_count``,
@@ -47,19 +63,29 @@ class InvariantAggregation(InvariantSettings, ScreenedReplies, FedAvg):
     """
 
     def __init__(
-        self, *, median_keys: tuple[str, ...] = ("running_mean", "running_var"), **kwargs: Any
+        self,
+        *,
+        tau: float = DEFAULT_TAU,
+        trim_ratio: float = DEFAULT_TRIM_RATIO,
+        server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE,
+        backend: str = DEFAULT_BACKEND,
+        num_threads: int | None = None,
+        median_keys: tuple[str, ...] = ("running_mean", "running_var"),
+        **fedavg_kwargs: Any,
     ) -> None:
+        check_strategy_keywords(type(self).__name__, FedAvg, fedavg_kwargs)
+        self.invariant_config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
         self.median_keys = tuple(median_keys)
-        super().__init__(**kwargs)
+        super().__init__(**fedavg_kwargs)
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
-        return f"InvariantAggregation({self.settings_repr()})"
+        return f"InvariantAggregation({self.invariant_config})"
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> InvariantAggregation settings:")
-        log(INFO, "\t│\t└── %s", self.settings_repr())
+        log(INFO, "\t│\t└── %s", self.invariant_config)
         super().summary()
 
     def aggregate_updates(
@@ -70,8 +96,7 @@ class InvariantAggregation(InvariantSettings, ScreenedReplies, FedAvg):
         messages: list[Message],
     ) -> tuple[list[np.ndarray], dict[str, float | int]]:
         """One invariant step on the valid updates, plus ``train_metrics_aggr_fn``'s metrics."""
-        labels = [f"node {msg.metadata.src_node_id}" for msg in messages]
         keys = list(self._global_arrays.keys())
         median_layers = {i for i, key in enumerate(keys) if key.endswith(self.median_keys)}
-        weights, metrics = self.invariant_config.aggregate(global_weights, updates, labels, median_layers)
+        weights, metrics = self.invariant_config.aggregate(global_weights, updates, median_layers)
         return weights, {**metrics, **self.train_metrics(messages)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from logging import ERROR, WARNING
 from typing import Any
 
@@ -13,13 +12,21 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from .round import InvariantSettings, aggregate_round
-from .updates import decode_npy
+from .rounds import finish_round, screen_round
+from .screening import decode_candidate, decode_npy
+from .settings import (
+    DEFAULT_BACKEND,
+    DEFAULT_SERVER_LEARNING_RATE,
+    DEFAULT_TAU,
+    DEFAULT_TRIM_RATIO,
+    InvariantConfig,
+    check_strategy_keywords,
+)
 
 __all__ = ["InvariantAggregation"]
 
 
-class InvariantAggregation(InvariantSettings, FedAvg):
+class InvariantAggregation(FedAvg):
     """Invariant Aggregator (Wang et al., AISTATS 2024) as a Flower ``FedAvg`` strategy.
 
     Each round, client weights ``w_i`` become pseudo-gradients ``g_i = w - w_i``
@@ -42,8 +49,8 @@ class InvariantAggregation(InvariantSettings, FedAvg):
     server_learning_rate : float (default: 1.0)
         Server step size along the aggregated pseudo-gradient.
     backend : str (default: "numpy")
-        "numpy", "torch" (CUDA if visible, else CPU) or "auto" (torch on a GPU
-        when there is one).
+        Engine: "numpy", "torch" (CUDA if visible, else CPU), "auto" (torch on a
+        GPU when there is one) or "reference" (slow, for checking).
     num_threads : int, optional
         Threads of the numpy backend (default: CPU count, at most 8).
     median_indices : sequence of int (default: ())
@@ -53,7 +60,8 @@ class InvariantAggregation(InvariantSettings, FedAvg):
         trimmed mean. (The Message API twin finds them by name.)
     **fedavg_kwargs
         Any keyword argument of ``flwr.server.strategy.FedAvg`` (``fraction_fit``,
-        ``min_fit_clients``, ``evaluate_fn``, ``initial_parameters``, ...).
+        ``min_fit_clients``, ``evaluate_fn``, ``initial_parameters``, ...); any
+        other keyword raises ``TypeError`` naming it.
 
     ``aggregate_fit`` returns the metrics ``mask_fraction`` (share of floating
     coordinates the mask kept), ``num_excluded``, ``num_aggregated``,
@@ -63,13 +71,25 @@ class InvariantAggregation(InvariantSettings, FedAvg):
 
     _global_parameters: Parameters | None = None
 
-    def __init__(self, *, median_indices: Sequence[int] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        tau: float = DEFAULT_TAU,
+        trim_ratio: float = DEFAULT_TRIM_RATIO,
+        server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE,
+        backend: str = DEFAULT_BACKEND,
+        num_threads: int | None = None,
+        median_indices: Sequence[int] = (),
+        **fedavg_kwargs: Any,
+    ) -> None:
+        check_strategy_keywords(type(self).__name__, FedAvg, fedavg_kwargs)
+        self.invariant_config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
         self.median_indices = frozenset(median_indices)
-        super().__init__(**kwargs)
+        super().__init__(**fedavg_kwargs)
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
-        return f"InvariantAggregation({self.settings_repr()}, accept_failures={self.accept_failures})"
+        return f"InvariantAggregation({self.invariant_config}, accept_failures={self.accept_failures})"
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
         """Remember the global weights sent this round, then configure like FedAvg."""
@@ -91,12 +111,17 @@ class InvariantAggregation(InvariantSettings, FedAvg):
             log(ERROR, "aggregate_fit: configure_fit never ran, so the global weights are unknown")
             return None, {}
         global_weights = [decode_npy(tensor) for tensor in self._global_parameters.tensors]
-        candidates = [(proxy.cid, partial(_decode_fit_res, fit_res)) for proxy, fit_res in results]
-        aggregate = partial(self.invariant_config.aggregate, median_layers=self.median_indices)
-        outcome = aggregate_round(server_round, global_weights, candidates, aggregate)
+        candidates = [decode_candidate(proxy.cid, _fit_res_arrays, fit_res) for proxy, fit_res in results]
+        screened = screen_round(server_round, global_weights, candidates)
+        weights, aggregate_metrics = None, {}
+        if screened.updates:
+            weights, aggregate_metrics = self.invariant_config.aggregate(
+                global_weights, screened.updates, self.median_indices
+            )
+        outcome = finish_round(server_round, screened, weights, aggregate_metrics)
         metrics: dict[str, Scalar] = {**outcome.metrics, "num_failures": len(failures)}
-        if self.fit_metrics_aggregation_fn and outcome.accepted:
-            fit_metrics = [(results[i][1].num_examples, results[i][1].metrics) for i in outcome.accepted]
+        if self.fit_metrics_aggregation_fn and screened.accepted:
+            fit_metrics = [(results[i][1].num_examples, results[i][1].metrics) for i in screened.accepted]
             metrics.update(self.fit_metrics_aggregation_fn(fit_metrics))
         elif server_round == 1 and not self.fit_metrics_aggregation_fn:
             log(WARNING, "No fit_metrics_aggregation_fn provided")
@@ -105,7 +130,8 @@ class InvariantAggregation(InvariantSettings, FedAvg):
         return ndarrays_to_parameters(outcome.weights), metrics
 
 
-def _decode_fit_res(fit_res: FitRes) -> list:
+def _fit_res_arrays(fit_res: FitRes) -> list:
+    """The arrays of a fit result; ``ValueError`` if it is not a usable one."""
     if fit_res.num_examples <= 0:
         raise ValueError(f"num_examples is {fit_res.num_examples}; it must be positive")
     parameters = fit_res.parameters

@@ -19,10 +19,17 @@ from typing import Any
 from flwr.common.logger import log
 
 from baselines import defense_names
+from flwr_invariant.settings import (
+    DEFAULT_SERVER_LEARNING_RATE,
+    DEFAULT_TAU,
+    DEFAULT_TRIM_RATIO,
+    check_parameter,
+)
 
 __all__ = [
     "ATTACKS",
     "BACKDOORS",
+    "CACHE_DIR_NAME",
     "DATA_ROOT_ENV",
     "DEFAULTS",
     "DEFENSES",
@@ -36,6 +43,9 @@ __all__ = [
 ]
 
 DATA_ROOT_ENV = "FLWR_INVARIANT_DATA_ROOT"
+
+#: A grid's pretrain cache: ``OUTPUT/pretrained`` (reports skip it: it holds no run).
+CACHE_DIR_NAME = "pretrained"
 
 #: Every run-config key with its default value (type of the default = type of the key).
 DEFAULTS: dict[str, Any] = {
@@ -51,9 +61,9 @@ DEFAULTS: dict[str, Any] = {
     "pretrain-rounds": 0,  # benign FedAvg rounds that train the starting model (see simulation/pretrain.py)
     "pretrain-cache": "",  # directory keeping pretrained starting models ("" = none)
     # defense settings (InvariantAggregation)
-    "tau": 0.6,
-    "trim-ratio": 0.45,
-    "server-learning-rate": 1.0,
+    "tau": DEFAULT_TAU,
+    "trim-ratio": DEFAULT_TRIM_RATIO,
+    "server-learning-rate": DEFAULT_SERVER_LEARNING_RATE,
     "flain-aux-size": 500,  # FLAIN: clean training examples the server holds
     "assumed-malicious": -1,  # f assumed by Krum & co.; -1 = round(malicious-fraction * clients-per-round)
     # population and data
@@ -147,6 +157,7 @@ _NON_NEGATIVE_INT = (
     "clean-samples",
     "replace-total-examples",
 )
+_STRATEGY_PARAMETERS = ("tau", "trim-ratio", "server-learning-rate")  # checked by flwr_invariant.settings
 _NON_NEGATIVE_FLOAT = ("adaptive-z", "momentum", "weight-decay", "pgd-eps", "linear-signal")
 
 
@@ -200,6 +211,8 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in _NON_NEGATIVE_FLOAT:
         if not (math.isfinite(config[key]) and config[key] >= 0):
             raise ValueError(f"run config {key!r} must be a finite number >= 0, got {config[key]!r}")
+    for key in _STRATEGY_PARAMETERS:
+        check_parameter(key.replace("-", "_"), config[key], label=f"run config {key!r}")
     if not 0.0 <= config["malicious-fraction"] <= 1.0:
         raise ValueError(
             f"run config 'malicious-fraction' must be in [0, 1], got {config['malicious-fraction']!r}"

@@ -47,9 +47,8 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from .config import DEFAULTS, resolve_config
+from .config import CACHE_DIR_NAME, DEFAULTS, resolve_config
 from .launcher import Resources, run
-from .pretrain import CACHE_DIR_NAME
 
 __all__ = ["GridSpec", "load_grid", "run_grid", "run_into", "versions"]
 

@@ -112,7 +112,7 @@ def run(
     from flwr.simulation import run_simulation
     from tqdm import tqdm
 
-    from flwr_invariant.client_app import make_client_app
+    from simulation.client_app import make_client_app
 
     from .config import resolve_config
     from .server_app import make_server_app

@@ -26,10 +26,10 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-__all__ = ["CACHE_DIR_NAME", "PRETRAIN_KEYS", "cache_file", "load_cached", "pretrain"]
+from .sampling import RoundSampler, make_strategy
+from .training import PRETRAIN_STREAM
 
-#: A grid's pretrain cache: ``OUTPUT/pretrained`` (reports skip it: it holds no run).
-CACHE_DIR_NAME = "pretrained"
+__all__ = ["PRETRAIN_KEYS", "cache_file", "load_cached", "pretrain"]
 
 #: The run-config keys that determine the pretrained model (the attack and defense keys do not).
 PRETRAIN_KEYS = (
@@ -91,9 +91,6 @@ def pretrain(
     The summary has ``rounds``, ``seconds`` and ``cached`` (whether the model came
     from the cache); the experiment's round-0 evaluation measures the model itself.
     """
-    from .server_app import RoundSampler, make_strategy
-    from .training import PRETRAIN_STREAM
-
     path = cache_file(config)
     started = time.monotonic()
     if path is not None and path.exists():

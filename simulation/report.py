@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
-from .pretrain import CACHE_DIR_NAME
+from .config import CACHE_DIR_NAME
 
 __all__ = ["METRICS", "ReportFiles", "RunResult", "defense_order", "load_runs", "write_report"]
 

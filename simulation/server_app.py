@@ -1,16 +1,13 @@
 """Flower ``ServerApp`` (Message API) for the backdoor experiments.
 
 Reads the run config (:mod:`simulation.config`), builds the defense from
-:data:`baselines.DEFENSES`, samples ``clients-per-round`` partitions per round
-with a generator seeded by ``(seed, round)`` (so every defense sees the same
-clients on the same seed), runs ``strategy.start(...)`` with the server-side
-``evaluate_fn`` and records per-round metrics (``acc_main``, ``acc_backdoor``,
-``loss``, number of attackers sampled, and the defense's train metrics).
+:data:`baselines.DEFENSES` with seeded client sampling (:mod:`simulation.sampling`),
+runs ``strategy.start(...)`` with the server-side ``evaluate_fn`` and records
+per-round metrics (``acc_main``, ``acc_backdoor``, ``loss``, number of attackers
+sampled, and the defense's train metrics).
 
 Before round 1 the app sends one ``query`` message to every node to learn its
-``partition-id``; the sampler then works on partitions, not on node ids (which
-differ from run to run). Under ``attack-schedule = "every-k"`` the single
-attacker is left out of the random draw and added in rounds k, 2k, ...
+``partition-id``; the sampler then works on partitions, not on node ids.
 """
 
 from __future__ import annotations
@@ -27,126 +24,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
-from baselines import DEFENSES
 from baselines.flain import FLAIN, FlainRepair
 
 from .config import resolve_config
-from .partition import attacker_partitions, is_attack_round
 from .pretrain import pretrain
+from .sampling import RoundSampler, make_strategy
 
-__all__ = [
-    "RoundSampler",
-    "discover_partitions",
-    "make_server_app",
-    "make_strategy",
-    "app",
-]
-
-
-class RoundSampler:
-    """Chooses each round's node ids from partition ids, reproducibly from ``seed``.
-
-    ``node_of``: partition id -> node id. ``pool`` schedule: ``clients-per-round``
-    partitions uniformly without replacement (malicious ones like everyone
-    else). ``every-k``: the attacker only in rounds divisible by ``attack-every``.
-    ``stream`` is mixed into the seed: another stream draws other clients.
-    """
-
-    def __init__(self, node_of: Mapping[int, int], config: Mapping[str, Any], stream: int = 0x5A) -> None:
-        self.node_of = dict(node_of)
-        self.config = config
-        self.stream = stream
-        self.attackers = set(
-            attacker_partitions(
-                config["num-partitions"],
-                config["malicious-fraction"],
-                config["seed"],
-                config["attack-schedule"],
-            )
-        )
-        self.history: dict[int, list[int]] = {}
-
-    def partitions(self, server_round: int) -> list[int]:
-        """Sorted partition ids sampled for ``server_round``."""
-        config = self.config
-        rng = np.random.default_rng([config["seed"], server_round, self.stream])
-        everyone = sorted(self.node_of)
-        count = min(config["clients-per-round"], len(everyone))
-        if config["attack-schedule"] == "every-k" and config["attack"] != "none":
-            benign = [p for p in everyone if p not in self.attackers]
-            attack_round = is_attack_round(
-                server_round, "every-k", config["attack-every"], config["attack-start-round"]
-            )
-            drawn = rng.choice(benign, size=count - attack_round, replace=False).tolist()
-            chosen = drawn + (sorted(self.attackers) if attack_round else [])
-        else:
-            chosen = rng.choice(everyone, size=count, replace=False).tolist()
-        self.history[server_round] = sorted(int(p) for p in chosen)
-        return self.history[server_round]
-
-    def nodes(self, server_round: int) -> list[int]:
-        """Node ids of :meth:`partitions`."""
-        return [self.node_of[p] for p in self.partitions(server_round)]
-
-    def num_attackers(self, server_round: int) -> int:
-        """How many sampled partitions of ``server_round`` are malicious (a simulation label)."""
-        config = self.config
-        attacks = is_attack_round(
-            server_round, config["attack-schedule"], config["attack-every"], config["attack-start-round"]
-        )
-        if config["attack"] == "none" or not attacks:
-            return 0
-        return sum(p in self.attackers for p in self.history.get(server_round, []))
-
-
-class _FixedNodesGrid:
-    """A view of a ``Grid`` whose ``get_node_ids`` returns the nodes chosen for the round."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid = grid
-        self._node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-class SeededSampling:
-    """Mixin for Message API strategies: train on the nodes :class:`RoundSampler` picks."""
-
-    def __init__(self, *, sampler: RoundSampler, **kwargs: Any) -> None:
-        self.sampler = sampler
-        super().__init__(**kwargs)
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Any:
-        """Configure like the wrapped strategy, on this round's sampled nodes only."""
-        nodes = self.sampler.nodes(server_round)
-        log(INFO, "round %s: partitions %s", server_round, self.sampler.history[server_round])
-        return super().configure_train(server_round, arrays, config, _FixedNodesGrid(grid, nodes))  # type: ignore[misc]
-
-
-def make_strategy(config: Mapping[str, Any], sampler: RoundSampler) -> FedAvg:
-    """The run config's ``defense`` (from :data:`baselines.DEFENSES`) with seeded sampling."""
-    if config["defense"] not in DEFENSES:
-        raise ValueError(
-            f"run config 'defense' must be one of {', '.join(DEFENSES)}; got {config['defense']!r}"
-        )
-    cls, kwargs = DEFENSES[config["defense"]](config)
-    sampled = type(f"Sampled{cls.__name__}", (SeededSampling, cls), {})
-    return sampled(
-        sampler=sampler,
-        fraction_train=1.0,
-        fraction_evaluate=0.0,  # evaluation happens server-side (evaluate_fn)
-        min_train_nodes=1,
-        min_available_nodes=1,
-        **kwargs,
-    )
+__all__ = ["app", "discover_partitions", "make_server_app", "run_experiment"]
 
 
 def discover_partitions(grid: Grid, num_partitions: int, timeout: float = 120.0) -> dict[int, int]:

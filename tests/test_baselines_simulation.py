@@ -7,7 +7,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 import baselines
-from flwr_invariant.client_app import make_client_app
+from simulation.client_app import make_client_app
 from simulation.config import resolve_config
 from simulation.server_app import run_experiment
 

@@ -10,11 +10,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.metadata import Metadata
 
 from baselines import DEFENSES
-from flwr_invariant.client_app import make_client_app, partition_of
+from simulation.client_app import make_client_app, partition_of
 from simulation.config import resolve_config
 from simulation.data import load_task
 from simulation.partition import attacker_partitions
-from simulation.server_app import RoundSampler, make_strategy
+from simulation.sampling import RoundSampler, make_strategy
 from simulation.training import make_evaluate_fn, model_for
 
 LINEAR = {

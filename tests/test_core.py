@@ -1,6 +1,8 @@
-"""The numpy core against a plain per-coordinate reference, and the paper's failure modes."""
+"""The reference algorithm and every engine against a plain per-coordinate reference, and the paper's
+failure modes."""
 
 from fractions import Fraction
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,7 +16,16 @@ from flwr_invariant.aggregate import (
     trim_count,
     trimmed_mean,
 )
-from flwr_invariant.torch_backend import invariant_update_torch
+from flwr_invariant.engines import chunked, select_engine, torch_sort
+
+#: Every ``invariant_aggregate`` implementation: the readable reference and the fast engine.
+AGGREGATES = {"reference": invariant_aggregate, "chunked": chunked.invariant_aggregate}
+#: Every engine by backend name (torch on the CPU here).
+ENGINES = {
+    "reference": invariant_update,
+    "numpy": chunked.invariant_update,
+    "torch": partial(torch_sort.invariant_update, device="cpu"),
+}
 
 
 def reference_trim(num_values: int, trim_ratio: float) -> int:
@@ -51,18 +62,22 @@ def test_matches_reference_for_every_client_count(num_clients: int) -> None:
     for tau, trim_ratio in [(0.6, 0.45), (0.0, 0.0), (1.0, 0.2), (0.3, 0.1), (0.5, 0.49)]:
         layers = [random_updates(rng, num_clients, shape) for shape in [(7, 3), (11,), ()]]
         pseudo_gradients = [[layer[i] for layer in layers] for i in range(num_clients)]
-        got = invariant_aggregate(pseudo_gradients, tau, trim_ratio, chunk_bytes=256)
-        for layer, aggregate in zip(layers, got, strict=True):
-            assert aggregate.dtype == np.float32 and aggregate.shape == layer.shape[1:]
-            np.testing.assert_allclose(aggregate, reference_aggregate(layer, tau, trim_ratio), atol=1e-6)
+        for got in (
+            invariant_aggregate(pseudo_gradients, tau, trim_ratio),
+            chunked.invariant_aggregate(pseudo_gradients, tau, trim_ratio, chunk_bytes=256),
+        ):
+            for layer, aggregate in zip(layers, got, strict=True):
+                assert aggregate.dtype == np.float32 and aggregate.shape == layer.shape[1:]
+                np.testing.assert_allclose(aggregate, reference_aggregate(layer, tau, trim_ratio), atol=1e-6)
 
 
 def test_integer_valued_inputs_with_heavy_ties() -> None:
     rng = np.random.default_rng(7)
     for num_clients in (2, 3, 10, 20, 33):
         layer = rng.integers(-2, 3, size=(num_clients, 500)).astype(np.float32)
-        got = invariant_aggregate([[row] for row in layer], 0.6, 0.45)[0]
-        np.testing.assert_allclose(got, reference_aggregate(layer, 0.6, 0.45), atol=1e-6)
+        for aggregate_fn in AGGREGATES.values():
+            got = aggregate_fn([[row] for row in layer], 0.6, 0.45)[0]
+            np.testing.assert_allclose(got, reference_aggregate(layer, 0.6, 0.45), atol=1e-6)
 
 
 def test_sign_consistency_and_trimmed_mean_public_functions() -> None:
@@ -100,13 +115,15 @@ def test_trim_count_follows_the_design() -> None:
 def test_chunking_and_threads_do_not_change_the_result() -> None:
     rng = np.random.default_rng(11)
     clients = [[rng.standard_normal((64, 33)).astype(np.float32)] for _ in range(13)]
-    base = invariant_aggregate(clients, 0.6, 0.45, num_threads=1, chunk_bytes=1 << 30)[0]
+    base = chunked.invariant_aggregate(clients, 0.6, 0.45, num_threads=1, chunk_bytes=1 << 30)[0]
     for threads, chunk in [(1, 100), (2, 1000), (4, 52)]:
-        other = invariant_aggregate(clients, 0.6, 0.45, num_threads=threads, chunk_bytes=chunk)[0]
+        other = chunked.invariant_aggregate(clients, 0.6, 0.45, num_threads=threads, chunk_bytes=chunk)[0]
         np.testing.assert_array_equal(base, other)
+    np.testing.assert_array_equal(base, invariant_aggregate(clients, 0.6, 0.45)[0])  # = the reference
 
 
-def test_invariant_update_steps_from_global_weights_and_medians_integer_arrays() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_invariant_update_steps_from_global_weights_and_medians_integer_arrays(engine: str) -> None:
     rng = np.random.default_rng(5)
     global_weights = [rng.standard_normal((6, 4)).astype(np.float32), np.array(7, dtype=np.int64)]
     clients = [
@@ -114,7 +131,7 @@ def test_invariant_update_steps_from_global_weights_and_medians_integer_arrays()
         for c in (9, 3, 8, 100, 8)
     ]
     snapshot = [[a.copy() for a in c] for c in clients]
-    weights, mask_fraction = invariant_update(
+    weights, mask_fraction = ENGINES[engine](
         global_weights, clients, tau=0.6, trim_ratio=0.2, server_learning_rate=0.5
     )
     pseudo = np.stack([global_weights[0] - c[0] for c in clients])
@@ -131,11 +148,12 @@ def test_invariant_update_steps_from_global_weights_and_medians_integer_arrays()
             np.testing.assert_array_equal(a, b)  # inputs untouched
 
 
-def test_full_mask_equals_trimmed_mean_of_returned_weights() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_full_mask_equals_trimmed_mean_of_returned_weights(engine: str) -> None:
     rng = np.random.default_rng(8)
     global_weights = [rng.standard_normal(50).astype(np.float32)]
     clients = [[rng.standard_normal(50).astype(np.float32)] for _ in range(10)]
-    weights, mask_fraction = invariant_update(global_weights, clients, tau=0.0, trim_ratio=0.2)
+    weights, mask_fraction = ENGINES[engine](global_weights, clients, tau=0.0, trim_ratio=0.2)
     expected = trimmed_mean(np.stack([c[0] for c in clients]), 0.2)
     np.testing.assert_allclose(weights[0], expected, atol=1e-5)
     assert mask_fraction == 1.0
@@ -154,8 +172,8 @@ def test_torch_backend_matches_numpy_backend() -> None:
         for i in range(17)
     ]
     kwargs = {"tau": 0.6, "trim_ratio": 0.3, "server_learning_rate": 1.0}
-    numpy_weights, numpy_mask = invariant_update(global_weights, clients, **kwargs)
-    torch_weights, torch_mask = invariant_update_torch(global_weights, clients, device="cpu", **kwargs)
+    numpy_weights, numpy_mask = chunked.invariant_update(global_weights, clients, **kwargs)
+    torch_weights, torch_mask = torch_sort.invariant_update(global_weights, clients, device="cpu", **kwargs)
     np.testing.assert_allclose(numpy_weights[0], torch_weights[0], atol=1e-6)
     np.testing.assert_array_equal(numpy_weights[1], torch_weights[1])
     assert numpy_mask == torch_mask
@@ -176,18 +194,56 @@ FAILURE_MODES = np.array(
 MALICIOUS_SIGN = np.array([-1.0, 1.0])
 
 
-def test_and_mask_alone_fails_on_outliers_where_benign_signs_agree() -> None:
+@pytest.mark.parametrize("invariant_aggregate", AGGREGATES.values(), ids=AGGREGATES)
+def test_and_mask_alone_fails_on_outliers_where_benign_signs_agree(invariant_aggregate) -> None:
     and_mask_only = invariant_aggregate([[row] for row in FAILURE_MODES], 0.6, trim_ratio=0.0)[0]
     assert np.sign(and_mask_only[0]) == MALICIOUS_SIGN[0]
 
 
-def test_trimmed_mean_alone_fails_where_benign_signs_disagree() -> None:
+@pytest.mark.parametrize("invariant_aggregate", AGGREGATES.values(), ids=AGGREGATES)
+def test_trimmed_mean_alone_fails_where_benign_signs_disagree(invariant_aggregate) -> None:
     trimmed_only = invariant_aggregate([[row] for row in FAILURE_MODES], 0.0, trim_ratio=0.2)[0]
     assert np.sign(trimmed_only[0]) == 1.0  # the trimmed mean handles the outliers
     assert np.sign(trimmed_only[1]) == MALICIOUS_SIGN[1]
 
 
-def test_invariant_aggregation_gets_both_coordinates_right() -> None:
+@pytest.mark.parametrize("invariant_aggregate", AGGREGATES.values(), ids=AGGREGATES)
+def test_invariant_aggregation_gets_both_coordinates_right(invariant_aggregate) -> None:
     combined = invariant_aggregate([[row] for row in FAILURE_MODES], 0.6, trim_ratio=0.2)[0]
     assert np.sign(combined[0]) == 1.0  # the benign consensus survives the outliers
     assert combined[1] == 0.0  # no benign consensus: masked, the attacker gains nothing
+
+
+@pytest.mark.parametrize("num_clients", [20, 100])
+def test_fast_engine_equals_the_reference_bit_for_bit(num_clients: int) -> None:
+    """Same values summed in the same order: identical weights, ties, zeros and BatchNorm-style layers."""
+    rng = np.random.default_rng(num_clients)
+    global_weights = [
+        rng.standard_normal((30, 7)).astype(np.float32),
+        rng.standard_normal(12).astype(np.float32),  # a "running statistic": median
+        np.array(5, dtype=np.int64),
+    ]
+    clients = [
+        [
+            global_weights[0] - random_updates(rng, 1, (30, 7))[0],
+            rng.standard_normal(12).astype(np.float32),
+            np.array(int(rng.integers(0, 9)), dtype=np.int64),
+        ]
+        for _ in range(num_clients)
+    ]
+    for tau in (0.0, 0.6, 0.9):
+        kwargs = {"tau": tau, "trim_ratio": 0.45, "server_learning_rate": 0.7, "median_layers": {1}}
+        expected, expected_mask = invariant_update(global_weights, clients, **kwargs)
+        got, mask = chunked.invariant_update(global_weights, clients, chunk_bytes=4096, **kwargs)
+        assert mask == expected_mask
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+def test_select_engine_by_backend_name() -> None:
+    assert select_engine("reference") is invariant_update
+    assert select_engine("numpy", num_threads=2).keywords == {"num_threads": 2}
+    assert select_engine("torch") is torch_sort.invariant_update
+    with pytest.raises(ValueError, match="backend must be one of"):
+        select_engine("cuda")

@@ -148,6 +148,29 @@ def test_grid_file_errors_name_the_key_or_value(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tau", 1.5, r"run config 'tau' must be in \[0, 1\], got 1.5"),
+        ("trim-ratio", 0.5, r"run config 'trim-ratio' must be in \[0, 0.5\), got 0.5"),
+        ("server-learning-rate", 0, r"run config 'server-learning-rate' must be a finite number > 0, got 0"),
+    ],
+)
+def test_bad_strategy_parameters_are_rejected_before_any_data_is_loaded(
+    tmp_path, monkeypatch, key, value, message
+):
+    monkeypatch.setattr("simulation.data.load_task", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr("simulation.grid.run_into", lambda *a, **k: pytest.fail("training started"))
+    path = tmp_path / "g.toml"
+    path.write_text(
+        f'defenses = ["invariant"]\n[base]\ntask = "fmnist"\npretrain-rounds = 30\n{key} = {value}\n'
+    )
+    with pytest.raises(ValueError, match=message):
+        load_grid(path)
+    with pytest.raises(SystemExit, match=message):
+        cli(["run", "--out", str(tmp_path / "run"), "--set", f"{key}={value}"])
+
+
 def test_unwritable_output_is_reported_before_training(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

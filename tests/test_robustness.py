@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import flwr_invariant.updates
+import flwr_invariant.screening
 from benchmarks.robustness import (
     FAILURE,
     HOSTILE_KINDS,
@@ -51,7 +51,7 @@ def test_corner_cases(kinds: list[str]) -> None:
 
 def test_the_checks_catch_a_strategy_that_lets_nan_through(monkeypatch) -> None:
     """The harness can fail: with the NaN/Inf/overflow screen disabled, it reports the NaN clients."""
-    monkeypatch.setattr(flwr_invariant.updates, "_value_problem", lambda array, headroom: None)
+    monkeypatch.setattr(flwr_invariant.screening, "_value_problem", lambda array, headroom: None)
     report = Report()
     run_case(make_case(0, kinds=["honest", "honest", "nan"]), report)
     assert any("expected (2, 1, 0)" in failure for failure in report.failures), report.failures

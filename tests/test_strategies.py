@@ -276,3 +276,31 @@ def test_batchnorm_statistics_take_the_median_in_both_apis():
         for got, want in zip(weights, expected, strict=True):
             np.testing.assert_array_equal(got, want)
     assert metrics["mask_fraction"] == pytest.approx(mask_fraction)  # over conv.weight alone
+
+
+@pytest.mark.parametrize(
+    "cls", [InvariantAggregation, message_api.InvariantAggregation], ids=["legacy", "message"]
+)
+def test_constructor_lists_its_own_parameters_and_names_a_wrong_keyword(cls) -> None:
+    import inspect
+    import pydoc
+
+    from flwr_invariant.settings import DEFAULT_SERVER_LEARNING_RATE, DEFAULT_TAU, DEFAULT_TRIM_RATIO
+
+    parameters = inspect.signature(cls).parameters
+    defaults = {
+        "tau": DEFAULT_TAU,
+        "trim_ratio": DEFAULT_TRIM_RATIO,
+        "server_learning_rate": DEFAULT_SERVER_LEARNING_RATE,
+    }
+    for name, default in defaults.items():
+        assert parameters[name].default == default
+        assert f"{name} : float (default: {default})" in cls.__doc__  # the docstring says the real default
+    assert "tau: 'float' = 0.6" in pydoc.render_doc(cls)  # what help() shows
+    with pytest.raises(
+        TypeError, match=r"InvariantAggregation\(\) got unexpected keyword argument\(s\) 'tua'"
+    ):
+        cls(tua=0.7)
+    with pytest.raises(ValueError, match=r"tau must be in \[0, 1\], got 1.5"):
+        cls(tau=1.5)
+    assert "tau=0.7" in repr(cls(tau=0.7))

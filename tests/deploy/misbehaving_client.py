@@ -7,7 +7,7 @@ trained weights of every ``train`` reply into garbage:
 * ``"shape"``: every array one element longer along its first axis;
 * ``"keys"``: the array names renamed.
 
-Anything else (or no key) behaves exactly like ``flwr_invariant.client_app.app``.
+Anything else (or no key) behaves exactly like ``simulation.client_app.app``.
 Deployment runs every SuperNode on the same FAB, so the test ships this module
 in a copy of the app whose ``clientapp`` points here.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_invariant.client_app import make_client_app
+from simulation.client_app import make_client_app
 
 _honest = make_client_app()
 app = ClientApp()

@@ -1,8 +1,8 @@
-"""Optional torch backend of :func:`flwr_invariant.aggregate.invariant_update`.
+"""The torch engine: :func:`flwr_invariant.aggregate.invariant_update` with ``torch.sort``.
 
-Same algorithm and outputs (up to float rounding), run on a CUDA GPU when one is
-visible, else on the CPU. Values of ranks ``[b, N - b)`` come from ``torch.sort``,
-which is fast on a GPU.
+Same algorithm and outputs (up to float rounding: torch averages the middle
+values with its own summation order), run on a CUDA GPU when one is visible, else
+on the CPU. Needs torch, which the plain install does not bring.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from .aggregate import DEFAULT_CHUNK_BYTES, median_of, min_votes, trim_count
+from ..aggregate import median_of, min_votes, trim_count
+from .chunked import DEFAULT_CHUNK_BYTES
 
-__all__ = ["cuda_available", "invariant_update_torch"]
+__all__ = ["cuda_available", "invariant_update"]
 
 
 def cuda_available() -> bool:
@@ -25,7 +26,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def invariant_update_torch(
+def invariant_update(
     global_weights: Sequence[np.ndarray],
     client_weights: Sequence[Sequence[np.ndarray]],
     *,
@@ -36,7 +37,7 @@ def invariant_update_torch(
     device: str | None = None,
     chunk_bytes: int = 64 * DEFAULT_CHUNK_BYTES,
 ) -> tuple[list[np.ndarray], float]:
-    """Torch twin of ``invariant_update``: returns ``(new_weights, mask_fraction)``.
+    """:func:`flwr_invariant.aggregate.invariant_update` on torch: ``(new_weights, mask_fraction)``.
 
     ``device``: a torch device string; default ``"cuda"`` if available else ``"cpu"``.
     """

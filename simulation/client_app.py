@@ -17,8 +17,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from .config import resolve_config
+from .data import load_partitions, load_task
+from .models import get_device
+from .training import evaluate as evaluate_model
+from .training import local_update, model_for
 
 __all__ = ["app", "make_client_app", "partition_of"]
 
@@ -46,14 +53,10 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     client_app = ClientApp()
 
     def settings(context: Context) -> dict[str, Any]:
-        from simulation.config import resolve_config
-
         return resolve_config(context.run_config, overrides)
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        from simulation.training import local_update
-
         config = settings(context)
         round_config = msg.content.get("config", {})
         result = local_update(
@@ -77,13 +80,6 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Accuracy and loss of the received model on this client's (clean) partition."""
-        import torch
-
-        from simulation.data import load_partitions, load_task
-        from simulation.models import get_device
-        from simulation.training import evaluate as evaluate_model
-        from simulation.training import model_for
-
         config = settings(context)
         task = load_task(config)
         rows = torch.from_numpy(load_partitions(config)[partition_of(context, config)])

@@ -7,13 +7,22 @@ No Flower import. Flower serialises every array as ``.npy`` bytes (both
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ScreenedUpdates", "decode_npy", "float_headroom", "screen_updates", "update_problem"]
+__all__ = [
+    "Candidate",
+    "ScreenedUpdates",
+    "decode_candidate",
+    "decode_npy",
+    "float_headroom",
+    "screen_updates",
+    "update_problem",
+]
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -110,10 +119,28 @@ def _value_problem(array: np.ndarray, headroom: float) -> str | None:
 
 
 @dataclass
+class Candidate:
+    """One client's reply: a label naming the client and its arrays, or why they could not be read."""
+
+    label: str
+    arrays: list[np.ndarray] | None = None
+    problem: str | None = None
+
+
+def decode_candidate(label: str, decode: Callable[..., Sequence[np.ndarray]], *args: Any) -> Candidate:
+    """``decode(*args)`` as the client's arrays; any exception becomes the candidate's problem."""
+    try:
+        return Candidate(label, list(decode(*args)))
+    except Exception as error:  # noqa: BLE001 - any decoding failure excludes the client
+        return Candidate(label, problem=f"could not be decoded: {error}")
+
+
+@dataclass
 class ScreenedUpdates:
     """Updates split into those to aggregate and those excluded (with reasons).
 
-    ``accepted[j]`` is the candidate index of ``updates[j]``.
+    ``accepted[j]`` is the candidate index of ``updates[j]``; ``excluded`` holds
+    ``(client label, reason)``.
     """
 
     accepted: list[int] = field(default_factory=list)
@@ -121,27 +148,18 @@ class ScreenedUpdates:
     excluded: list[tuple[str, str]] = field(default_factory=list)
 
 
-def screen_updates(
-    global_weights: Sequence[np.ndarray],
-    candidates: Iterable[tuple[str, Callable[[], Sequence[np.ndarray]]]],
-) -> ScreenedUpdates:
-    """Decode and check each ``(client_label, decode)`` candidate.
-
-    ``decode`` returns the client's arrays; any exception it raises excludes the
-    client ("could not be decoded: ..."), as does any ``update_problem``.
-    """
+def screen_updates(global_weights: Sequence[np.ndarray], candidates: Sequence[Candidate]) -> ScreenedUpdates:
+    """Check each candidate against ``global_weights``: undecodable ones and any
+    :func:`update_problem` are excluded with the reason."""
     screened = ScreenedUpdates()
     headroom = float_headroom(global_weights)
-    for index, (label, decode) in enumerate(candidates):
-        try:
-            update = list(decode())
-        except Exception as error:  # noqa: BLE001 - any decoding failure excludes the client
-            screened.excluded.append((label, f"could not be decoded: {error}"))
-            continue
-        problem = update_problem(update, global_weights, headroom)
+    for index, candidate in enumerate(candidates):
+        problem = candidate.problem
+        if problem is None:
+            problem = update_problem(candidate.arrays, global_weights, headroom)
         if problem is None:
             screened.accepted.append(index)
-            screened.updates.append(update)
+            screened.updates.append(candidate.arrays)
         else:
-            screened.excluded.append((label, problem))
+            screened.excluded.append((candidate.label, problem))
     return screened

@@ -1,4 +1,4 @@
-"""Message API plumbing: screen training replies before any strategy aggregates them.
+"""Message API: screen training replies before any strategy aggregates them.
 
 ``ScreenedReplies`` is a mixin for any ``flwr.serverapp.strategy`` strategy
 (put it first in the bases): replies with errors are counted, replies whose
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from functools import partial
 from logging import ERROR, INFO
 
 import numpy as np
@@ -21,8 +20,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from .round import aggregate_round
-from .updates import decode_npy
+from .rounds import finish_round, screen_round
+from .screening import decode_candidate, decode_npy
 
 __all__ = ["ScreenedReplies", "decode_array", "reply_arrays"]
 
@@ -88,7 +87,7 @@ class ScreenedReplies:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen the replies and aggregate the valid ones with ``aggregate_updates``."""
+        """Screen the replies, aggregate the valid ones with ``aggregate_updates``, report."""
         replies = list(replies)
         answered = [msg for msg in replies if not msg.has_error()]
         for msg in replies:
@@ -101,18 +100,20 @@ class ScreenedReplies:
             return None, None
         keys = list(self._global_arrays.keys())
         global_weights = [decode_array(self._global_arrays[key]) for key in keys]
-        labels = [f"node {msg.metadata.src_node_id}" for msg in answered]
-        by_label = dict(zip(labels, answered, strict=True))
         candidates = [
-            (label, partial(reply_arrays, msg, keys, self.weighted_by_key))
-            for label, msg in zip(labels, answered, strict=True)
+            decode_candidate(
+                f"node {msg.metadata.src_node_id}", reply_arrays, msg, keys, self.weighted_by_key
+            )
+            for msg in answered
         ]
-
-        def aggregate(weights, updates, accepted_labels):
-            messages = [by_label[label] for label in accepted_labels]
-            return self.aggregate_updates(server_round, weights, updates, messages)
-
-        outcome = aggregate_round(server_round, global_weights, candidates, aggregate)
+        screened = screen_round(server_round, global_weights, candidates)
+        weights, aggregate_metrics = None, {}
+        if screened.updates:
+            valid = [answered[i] for i in screened.accepted]
+            weights, aggregate_metrics = self.aggregate_updates(
+                server_round, global_weights, screened.updates, valid
+            )
+        outcome = finish_round(server_round, screened, weights, aggregate_metrics)
         metrics = MetricRecord({**outcome.metrics, "num_failures": len(replies) - len(answered)})
         if outcome.weights is None:
             return None, metrics

@@ -1,0 +1,41 @@
+"""Engines: implementations of :func:`flwr_invariant.aggregate.invariant_update`, one signature.
+
+Every engine is called as ``engine(global_weights, client_weights, *, tau,
+trim_ratio, server_learning_rate=1.0, median_layers=())`` and returns
+``(new_weights, mask_fraction)``; each is tested against the reference.
+
+- ``"numpy"``: :mod:`.chunked`, comparator networks over cache-sized chunks in threads (the default);
+- ``"torch"``: :mod:`.torch_sort`, ``torch.sort`` on a CUDA GPU, else the CPU (needs torch);
+- ``"auto"``: torch on a CUDA GPU when there is one, numpy otherwise;
+- ``"reference"``: :func:`flwr_invariant.aggregate.invariant_update` itself (slow; for checking).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+
+from .. import aggregate
+from . import chunked
+
+__all__ = ["BACKENDS", "Engine", "select_engine"]
+
+BACKENDS = ("numpy", "torch", "auto", "reference")
+
+Engine = Callable[..., tuple[list[np.ndarray], float]]
+
+
+def select_engine(backend: str, num_threads: int | None = None) -> Engine:
+    """The engine named by ``backend`` (see the module docstring); ``num_threads`` is numpy's."""
+    if backend == "reference":
+        return aggregate.invariant_update
+    if backend in ("torch", "auto"):
+        from . import torch_sort
+
+        if backend == "torch" or torch_sort.cuda_available():
+            return torch_sort.invariant_update
+    if backend in ("numpy", "auto"):
+        return partial(chunked.invariant_update, num_threads=num_threads)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")

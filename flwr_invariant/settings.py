@@ -1,0 +1,125 @@
+"""The Invariant Aggregator's settings: their defaults (in one place) and their validation.
+
+No Flower import. Both strategy classes, the simulation's run config and the
+baselines' registry read the defaults from here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .aggregate import trim_count
+from .engines import BACKENDS, Engine, select_engine
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "DEFAULT_SERVER_LEARNING_RATE",
+    "DEFAULT_TAU",
+    "DEFAULT_TRIM_RATIO",
+    "InvariantConfig",
+    "check_parameter",
+    "check_strategy_keywords",
+]
+
+DEFAULT_TAU = 0.6  # the paper's and its released code's
+DEFAULT_TRIM_RATIO = 0.45  # with 20 clients, the middle 2 values, as the released code
+DEFAULT_SERVER_LEARNING_RATE = 1.0
+DEFAULT_BACKEND = "numpy"
+
+#: parameter -> (test of a valid value, what a valid value is)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tau": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "trim_ratio": (lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
+    "server_learning_rate": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+}
+
+
+def check_parameter(name: str, value: Any, label: str | None = None) -> None:
+    """``ValueError`` naming ``label`` (default ``name``) unless ``value`` is valid for ``name``.
+
+    ``name``: ``"tau"``, ``"trim_ratio"`` or ``"server_learning_rate"``.
+    """
+    valid, requirement = _RULES[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
+        raise ValueError(f"{label or name} must be {requirement}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class InvariantConfig:
+    """Settings of the Invariant Aggregator; invalid values raise ``ValueError`` naming them.
+
+    tau: sign-consistency threshold of the AND-mask, in [0, 1].
+    trim_ratio: fraction trimmed from each tail of every coordinate, in [0, 0.5).
+    server_learning_rate: step along the aggregated pseudo-gradient, > 0.
+    backend: engine (:mod:`flwr_invariant.engines`): "numpy", "torch", "auto" or "reference".
+    num_threads: threads of the numpy engine (default: CPU count, at most 8).
+    """
+
+    tau: float = DEFAULT_TAU
+    trim_ratio: float = DEFAULT_TRIM_RATIO
+    server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE
+    backend: str = DEFAULT_BACKEND
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in _RULES:
+            check_parameter(name, getattr(self, name))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads!r}")
+
+    def __str__(self) -> str:
+        """``tau=..., trim_ratio=..., server_learning_rate=...`` (for a strategy's ``__repr__``)."""
+        return (
+            f"tau={self.tau}, trim_ratio={self.trim_ratio}, server_learning_rate={self.server_learning_rate}"
+        )
+
+    def engine(self) -> Engine:
+        """The ``invariant_update`` implementation ``backend`` selects."""
+        return select_engine(self.backend, self.num_threads)
+
+    def aggregate(
+        self,
+        global_weights: Sequence[np.ndarray],
+        updates: Sequence[Sequence[np.ndarray]],
+        median_layers: Collection[int] = (),
+    ) -> tuple[list[np.ndarray], dict[str, float | int]]:
+        """One invariant step on valid updates: new weights and ``mask_fraction``, ``trim_count``.
+
+        ``median_layers``: indices of floating layers aggregated by coordinate-wise median.
+        """
+        weights, mask_fraction = self.engine()(
+            global_weights,
+            updates,
+            tau=self.tau,
+            trim_ratio=self.trim_ratio,
+            server_learning_rate=self.server_learning_rate,
+            median_layers=median_layers,
+        )
+        return weights, {
+            "mask_fraction": mask_fraction,
+            "trim_count": trim_count(len(updates), self.trim_ratio),
+        }
+
+
+def check_strategy_keywords(owner: str, base: type, keywords: Mapping[str, Any]) -> None:
+    """``TypeError`` naming ``owner`` and the keyword unless ``base.__init__`` accepts every keyword.
+
+    The strategies pass their base class's keywords through; this makes a typo name
+    the class the user called, not Flower's ``FedAvg.__init__``.
+    """
+    accepted = inspect.signature(base.__init__).parameters
+    unknown = sorted(set(keywords) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"{owner}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"it takes its own settings and those of {base.__module__}.{base.__qualname__}"
+        )
