@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import HDBSCAN
+
+from flwr_invariant.extras import require
 
 from .krum import pairwise_distances
 from .numpy_strategy import PseudoGradientStrategy, RoundUpdates
@@ -22,7 +23,8 @@ def flame_admitted(models: np.ndarray) -> np.ndarray:
     if count < 3:
         return np.arange(count)
     distances = pairwise_distances(models, "cosine")
-    labels = HDBSCAN(
+    hdbscan = require("sklearn.cluster", "simulation", "the FLAME baseline").HDBSCAN
+    labels = hdbscan(
         min_cluster_size=count // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True
     ).fit_predict(np.maximum(distances, 0.0))
     clustered = labels[labels >= 0]

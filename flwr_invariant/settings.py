@@ -7,14 +7,15 @@ baselines' registry read the defaults from here.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .aggregate import trim_count
+from .aggregate import min_votes, trim_count
 from .engines import BACKENDS, Engine, select_engine
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "check_parameter",
     "check_strategy_keywords",
 ]
+
+LOGGER = logging.getLogger("flwr")
 
 DEFAULT_TAU = 0.6  # the paper's and its released code's
 DEFAULT_TRIM_RATIO = 0.45  # with 20 clients, the middle 2 values, as the released code
@@ -67,6 +70,7 @@ class InvariantConfig:
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE
     backend: str = DEFAULT_BACKEND
     num_threads: int | None = None
+    _warned: list[bool] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in _RULES:
@@ -96,6 +100,7 @@ class InvariantConfig:
 
         ``median_layers``: indices of floating layers aggregated by coordinate-wise median.
         """
+        self._warn_if_unanimous(len(updates))
         weights, mask_fraction = self.engine()(
             global_weights,
             updates,
@@ -108,6 +113,25 @@ class InvariantConfig:
             "mask_fraction": mask_fraction,
             "trim_count": trim_count(len(updates), self.trim_ratio),
         }
+
+    def _warn_if_unanimous(self, num_clients: int) -> None:
+        """One warning (per settings object) the first time ``tau`` demands every client's vote."""
+        if (
+            self._warned
+            or num_clients < 2
+            or self.tau >= 1.0
+            or min_votes(num_clients, self.tau) < num_clients
+        ):
+            return
+        self._warned.append(True)
+        LOGGER.warning(
+            "InvariantAggregation: with %d clients, tau=%s keeps a coordinate only if all %d agree on its "
+            "sign (unanimity); tau <= %.4g keeps coordinates most, but not all, agree on",
+            num_clients,
+            self.tau,
+            num_clients,
+            (num_clients - 1) / num_clients,
+        )
 
 
 def check_strategy_keywords(owner: str, base: type, keywords: Mapping[str, Any]) -> None:

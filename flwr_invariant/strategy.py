@@ -53,11 +53,19 @@ class InvariantAggregation(FedAvg):
         GPU when there is one) or "reference" (slow, for checking).
     num_threads : int, optional
         Threads of the numpy backend (default: CPU count, at most 8).
+    array_names : sequence of str, optional
+        The name of each array, in the order clients send them; for a PyTorch
+        model ``list(model.state_dict().keys())``. With names, arrays whose name
+        ends with one of ``median_keys`` are statistics, not trained weights
+        (BatchNorm ``running_mean``/``running_var``): they take the coordinate-wise
+        median of the returned values instead of the masked trimmed mean, as in
+        the Message API class. A count that differs from the global model's
+        raises ``ValueError`` before any client trains.
+    median_keys : tuple of str (default: ("running_mean", "running_var"))
+        Name endings of the median arrays (used with ``array_names``).
     median_indices : sequence of int (default: ())
-        Positions of floating arrays that are statistics rather than trained
-        weights (e.g. BatchNorm ``running_mean``/``running_var``): they take the
-        coordinate-wise median of the returned values instead of the masked
-        trimmed mean. (The Message API twin finds them by name.)
+        The same by position, for models without names; added to those found
+        by name.
     **fedavg_kwargs
         Any keyword argument of ``flwr.server.strategy.FedAvg`` (``fraction_fit``,
         ``min_fit_clients``, ``evaluate_fn``, ``initial_parameters``, ...); any
@@ -79,13 +87,21 @@ class InvariantAggregation(FedAvg):
         server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE,
         backend: str = DEFAULT_BACKEND,
         num_threads: int | None = None,
+        array_names: Sequence[str] | None = None,
+        median_keys: tuple[str, ...] = ("running_mean", "running_var"),
         median_indices: Sequence[int] = (),
         **fedavg_kwargs: Any,
     ) -> None:
         check_strategy_keywords(type(self).__name__, FedAvg, fedavg_kwargs)
         self.invariant_config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
-        self.median_indices = frozenset(median_indices)
+        self.array_names = None if array_names is None else list(array_names)
+        self.median_keys = tuple(median_keys)
+        self.median_indices = frozenset(median_indices) | {
+            index for index, name in enumerate(self.array_names or ()) if name.endswith(self.median_keys)
+        }
         super().__init__(**fedavg_kwargs)
+        if self.initial_parameters is not None:
+            self._check_array_names(len(self.initial_parameters.tensors))
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
@@ -93,8 +109,17 @@ class InvariantAggregation(FedAvg):
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
         """Remember the global weights sent this round, then configure like FedAvg."""
+        self._check_array_names(len(parameters.tensors))
         self._global_parameters = parameters
         return super().configure_fit(server_round, parameters, client_manager)
+
+    def _check_array_names(self, num_arrays: int) -> None:
+        """``ValueError`` when ``array_names`` does not name every array of the global model."""
+        if self.array_names is not None and len(self.array_names) != num_arrays:
+            raise ValueError(
+                f"InvariantAggregation: array_names has {len(self.array_names)} names, "
+                f"the global model has {num_arrays} arrays"
+            )
 
     def aggregate_fit(
         self,

@@ -8,3 +8,10 @@ round, the server-side ``evaluate_fn``), ``server_app`` (the ``ServerApp``),
 ``compare`` (FedAvg vs Invariant runner), ``download`` (edge-case files with
 sha256 checks), ``safe_pickle`` (restricted unpickler).
 """
+
+from flwr_invariant.extras import require_installed
+
+#: What the simulation needs beyond the plain install (``pip install 'flwr-invariant[simulation]'``).
+SIMULATION_MODULES = ("torch", "torchvision", "ray", "tqdm", "yaml", "matplotlib", "sklearn")
+
+require_installed(SIMULATION_MODULES, "simulation", "flwr-invariant's simulation package")

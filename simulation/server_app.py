@@ -25,7 +25,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from baselines.flain import FLAIN, FlainRepair
+from baselines.flain import FLAIN
+from baselines.flain_repair import FlainRepair
 
 from .config import resolve_config
 from .pretrain import pretrain

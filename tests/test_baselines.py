@@ -1,15 +1,13 @@
 """Every baseline on small inputs whose right answer is known by hand, through real Flower records."""
 
+import importlib.util
 import logging
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import ArrayRecord
-from torch import nn
 
 import baselines
-from baselines.flain import FlainRepair, flip_low_activation_updates, rescale_to_norm
+from baselines.flain import flip_low_activation_updates, rescale_to_norm
 from baselines.flame import flame_admitted, flame_step
 from baselines.foolsgold import foolsgold_weights
 from baselines.krum import krum_scores, select_multi_krum
@@ -20,6 +18,9 @@ from baselines.sparsefed import SparseFed, clip_rows, top_k_indices
 from .helpers import message_round, reply_content
 
 pytestmark = pytest.mark.usefixtures("task_identity")
+needs_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None, reason="FLAME needs scikit-learn (the 'simulation' extra)"
+)
 
 GLOBAL = [np.zeros(3, dtype=np.float32), np.array(5, dtype=np.int64)]
 
@@ -140,6 +141,7 @@ def _round_updates(pseudo_gradients):
     return RoundUpdates(2, pseudo_gradients, [1, 2], np.ones(2), [slice(0, size)], [(size,)], np.zeros(size))
 
 
+@needs_sklearn
 def test_flame_clusters_away_an_outlier_group_and_clips_to_the_median_norm():
     rng = np.random.default_rng(0)
     benign = np.array([1.0, 1.0, 0.0, 0.0]) + 0.05 * rng.standard_normal((6, 4))
@@ -166,33 +168,10 @@ def test_flain_flips_low_activation_columns_and_keeps_the_norm():
     )
 
 
-def test_flain_repair_flips_a_dormant_backdoor_neuron_without_hurting_clean_accuracy():
-    torch.manual_seed(0)
-
-    def model_fn():
-        return nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
-
-    model = model_fn()
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
-        model[0].bias.copy_(torch.tensor([0.0, 0.0, -1.0]))  # neuron 2 never fires on clean data
-        model[2].weight.zero_()
-        model[2].bias.zero_()
-    initial = ArrayRecord(model.state_dict())
-    with torch.no_grad():  # training: clean neurons learn the task, neuron 2 a large backdoor push
-        model[2].weight.copy_(torch.tensor([[1.0, -1.0, -5.0], [-1.0, 1.0, 5.0]]))
-    final = ArrayRecord(model.state_dict())
-    points = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.5], [0.3, 1.5]])
-    labels = torch.tensor([0, 1, 0, 1])
-    repair = FlainRepair(model_fn, [(points, labels)], layer_name="2")
-    repaired, report = repair(initial, final)
-    weight = repaired.to_torch_state_dict()["2.weight"].numpy()
-    assert report["flain_flipped"] == 1 and report["flain_aux_accuracy_after"] == 1.0
-    scale = np.linalg.norm([[1, -1, -5], [-1, 1, 5]]) / np.linalg.norm([[1, -1, 5], [-1, 1, -5]])
-    np.testing.assert_allclose(weight, np.array([[1, -1, 5], [-1, 1, -5]]) * scale, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", sorted(baselines.DEFENSES))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[needs_sklearn] if n == "flame" else []) for n in sorted(baselines.DEFENSES)],
+)
 def test_every_defense_excludes_a_nan_update_and_survives(name, flwr_logs):
     clients = [*HONEST, *HONEST[:2]]
     contents = [reply_content([GLOBAL[0] - np.float32(g), GLOBAL[1]]) for g in clients]

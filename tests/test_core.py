@@ -1,6 +1,8 @@
 """The reference algorithm and every engine against a plain per-coordinate reference, and the paper's
 failure modes."""
 
+import importlib.util
+import sys
 from fractions import Fraction
 from functools import partial
 
@@ -26,6 +28,10 @@ ENGINES = {
     "numpy": chunked.invariant_update,
     "torch": partial(torch_sort.invariant_update, device="cpu"),
 }
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="the torch engine needs the 'torch' extra"
+)
+ENGINE_NAMES = [pytest.param(name, marks=[needs_torch] if name == "torch" else []) for name in ENGINES]
 
 
 def reference_trim(num_values: int, trim_ratio: float) -> int:
@@ -122,7 +128,7 @@ def test_chunking_and_threads_do_not_change_the_result() -> None:
     np.testing.assert_array_equal(base, invariant_aggregate(clients, 0.6, 0.45)[0])  # = the reference
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_invariant_update_steps_from_global_weights_and_medians_integer_arrays(engine: str) -> None:
     rng = np.random.default_rng(5)
     global_weights = [rng.standard_normal((6, 4)).astype(np.float32), np.array(7, dtype=np.int64)]
@@ -148,7 +154,7 @@ def test_invariant_update_steps_from_global_weights_and_medians_integer_arrays(e
             np.testing.assert_array_equal(a, b)  # inputs untouched
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_full_mask_equals_trimmed_mean_of_returned_weights(engine: str) -> None:
     rng = np.random.default_rng(8)
     global_weights = [rng.standard_normal(50).astype(np.float32)]
@@ -164,6 +170,7 @@ def test_coordinate_median_returns_input_values() -> None:
     np.testing.assert_array_equal(coordinate_median(stacked), [3, 2])
 
 
+@needs_torch
 def test_torch_backend_matches_numpy_backend() -> None:
     rng = np.random.default_rng(21)
     global_weights = [rng.standard_normal((40, 9)).astype(np.float32), np.array([3, 4], dtype=np.int64)]
@@ -244,6 +251,17 @@ def test_fast_engine_equals_the_reference_bit_for_bit(num_clients: int) -> None:
 def test_select_engine_by_backend_name() -> None:
     assert select_engine("reference") is invariant_update
     assert select_engine("numpy", num_threads=2).keywords == {"num_threads": 2}
-    assert select_engine("torch") is torch_sort.invariant_update
     with pytest.raises(ValueError, match="backend must be one of"):
         select_engine("cuda")
+
+
+def test_torch_backend_without_torch_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # what an install without the extra looks like
+    with pytest.raises(ImportError, match=r"pip install 'flwr-invariant\[torch\]'"):
+        select_engine("torch")
+    assert select_engine("auto").func is chunked.invariant_update  # no torch, no GPU: numpy
+
+
+@needs_torch
+def test_select_torch_engine() -> None:
+    assert select_engine("torch") is torch_sort.invariant_update

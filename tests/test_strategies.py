@@ -304,3 +304,83 @@ def test_constructor_lists_its_own_parameters_and_names_a_wrong_keyword(cls) -> 
     with pytest.raises(ValueError, match=r"tau must be in \[0, 1\], got 1.5"):
         cls(tau=1.5)
     assert "tau=0.7" in repr(cls(tau=0.7))
+
+
+BN_NAMES = [
+    "conv.weight",
+    "bn.weight",
+    "bn.bias",
+    "bn.running_mean",
+    "bn.running_var",
+    "bn.num_batches_tracked",
+]
+
+
+def batchnorm_model_round(rng: np.random.Generator, num_clients: int = 5):
+    """Global arrays of a conv + BatchNorm model and client replies whose running statistics disagree in
+    sign (the AND-mask would zero their step and freeze them)."""
+    global_weights = [
+        rng.standard_normal((4, 3)).astype(np.float32),
+        np.ones(4, dtype=np.float32),
+        np.zeros(4, dtype=np.float32),
+        np.zeros(4, dtype=np.float32),
+        np.ones(4, dtype=np.float32),
+        np.array(7, dtype=np.int64),
+    ]
+    clients = []
+    for i in range(num_clients):
+        client = [w + rng.standard_normal(w.shape).astype(np.float32) * 0.1 for w in global_weights[:3]]
+        client += [rng.standard_normal(4).astype(np.float32), rng.random(4).astype(np.float32) + 0.5]
+        client.append(np.array(8 + i, dtype=np.int64))
+        clients.append(client)
+    return global_weights, clients
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_legacy_api_with_array_names_equals_message_api_batchnorm_included() -> None:
+    global_weights, clients = batchnorm_model_round(np.random.default_rng(3))
+    legacy = InvariantAggregation(array_names=BN_NAMES)
+    legacy_weights, legacy_metrics = legacy_round(
+        legacy, global_weights, [[npy_bytes(a) for a in c] for c in clients]
+    )
+    message = message_api.InvariantAggregation()
+    contents = [reply_content(c, keys=BN_NAMES) for c in clients]
+    message_weights, _ = message_round(message, global_weights, contents, keys=BN_NAMES)
+    for a, b in zip(legacy_weights, message_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for index in (3, 4):  # running statistics: the clients' median, never masked or frozen
+        np.testing.assert_array_equal(legacy_weights[index], np.median([c[index] for c in clients], axis=0))
+        assert not np.isclose(legacy_weights[index], global_weights[index]).any()
+    assert legacy.median_indices == {3, 4}
+    unnamed, _ = legacy_round(
+        InvariantAggregation(), global_weights, [[npy_bytes(a) for a in c] for c in clients]
+    )
+    assert np.isclose(unnamed[3], global_weights[3]).any()  # without names some statistics stay frozen
+
+
+def test_array_names_that_do_not_fit_the_model_fail_before_any_client_trains() -> None:
+    global_weights, clients = batchnorm_model_round(np.random.default_rng(4))
+    with pytest.raises(ValueError, match="array_names has 5 names, the global model has 6 arrays"):
+        legacy_round(InvariantAggregation(array_names=BN_NAMES[:5]), global_weights, [])
+    with pytest.raises(ValueError, match="array_names has 2 names, the global model has 6 arrays"):
+        InvariantAggregation(
+            array_names=BN_NAMES[:2], initial_parameters=ndarrays_to_parameters(global_weights)
+        )
+
+
+def test_tau_that_demands_unanimity_is_warned_about_once(flwr_logs) -> None:
+    global_weights = [np.zeros(3, dtype=np.float32)]
+    strategy = InvariantAggregation(tau=0.6)
+    for _ in range(2):
+        legacy_round(strategy, global_weights, [[npy_bytes(np.ones(3, dtype=np.float32))]] * 2)
+    unique = {id(r): r for r in flwr_logs.records}.values()  # a record may reach caplog's handler twice
+    warnings = [r.getMessage() for r in unique if "unanimity" in r.getMessage()]
+    assert warnings == [
+        "InvariantAggregation: with 2 clients, tau=0.6 keeps a coordinate only if all 2 agree on its sign "
+        "(unanimity); tau <= 0.5 keeps coordinates most, but not all, agree on"
+    ]
+    legacy_round(
+        InvariantAggregation(tau=0.6), global_weights, [[npy_bytes(np.ones(3, dtype=np.float32))]] * 5
+    )
+    unique = {id(r): r for r in flwr_logs.records}.values()
+    assert len([r for r in unique if "unanimity" in r.getMessage()]) == 1  # 3 of 5 is no unanimity

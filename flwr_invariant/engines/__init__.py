@@ -5,7 +5,8 @@ trim_ratio, server_learning_rate=1.0, median_layers=())`` and returns
 ``(new_weights, mask_fraction)``; each is tested against the reference.
 
 - ``"numpy"``: :mod:`.chunked`, comparator networks over cache-sized chunks in threads (the default);
-- ``"torch"``: :mod:`.torch_sort`, ``torch.sort`` on a CUDA GPU, else the CPU (needs torch);
+- ``"torch"``: :mod:`.torch_sort`, ``torch.sort`` on a CUDA GPU, else the CPU (needs the
+  ``torch`` extra; selecting it without torch raises ``ImportError`` naming the extra);
 - ``"auto"``: torch on a CUDA GPU when there is one, numpy otherwise;
 - ``"reference"``: :func:`flwr_invariant.aggregate.invariant_update` itself (slow; for checking).
 """
@@ -18,6 +19,7 @@ from functools import partial
 import numpy as np
 
 from .. import aggregate
+from ..extras import require
 from . import chunked
 
 __all__ = ["BACKENDS", "Engine", "select_engine"]
@@ -34,7 +36,10 @@ def select_engine(backend: str, num_threads: int | None = None) -> Engine:
     if backend in ("torch", "auto"):
         from . import torch_sort
 
-        if backend == "torch" or torch_sort.cuda_available():
+        if backend == "torch":
+            require("torch", "torch", 'backend="torch"')
+            return torch_sort.invariant_update
+        if torch_sort.cuda_available():
             return torch_sort.invariant_update
     if backend in ("numpy", "auto"):
         return partial(chunked.invariant_update, num_threads=num_threads)

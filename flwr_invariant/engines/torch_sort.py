@@ -12,6 +12,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from ..aggregate import median_of, min_votes, trim_count
+from ..extras import require
 from .chunked import DEFAULT_CHUNK_BYTES
 
 __all__ = ["cuda_available", "invariant_update"]
@@ -41,7 +42,7 @@ def invariant_update(
 
     ``device``: a torch device string; default ``"cuda"`` if available else ``"cpu"``.
     """
-    import torch
+    torch = require("torch", "torch", 'backend="torch"')
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     num_clients = len(client_weights)
