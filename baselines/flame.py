@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import HDBSCAN
 
-from .krum import pairwise_distances
+from .common import pairwise_distances
 from .numpy_strategy import PseudoGradientStrategy, RoundUpdates
 
 __all__ = ["FLAME", "flame_admitted", "flame_step"]
