@@ -1,4 +1,5 @@
-"""Numpy helpers shared by the baselines: flat pseudo-gradients and one server step."""
+"""Numpy helpers shared by the baselines: flat pseudo-gradients, one server step,
+row clipping and pairwise distances."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from flwr_invariant.aggregate import median_of
 
-__all__ = ["apply_step", "flat_pseudo_gradients"]
+__all__ = ["apply_step", "clip_rows", "flat_pseudo_gradients", "pairwise_distances"]
 
 
 def flat_pseudo_gradients(
@@ -42,3 +43,24 @@ def apply_step(
         else:
             new_weights.append(median_of([u[i] for u in updates], w.dtype))
     return new_weights
+
+
+def clip_rows(vectors: np.ndarray, max_norm: float) -> np.ndarray:
+    """Each row scaled down to L2 norm at most ``max_norm``; ``(N, P)`` -> ``(N, P)``."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors * np.minimum(1.0, max_norm / np.maximum(norms, 1e-12))
+
+
+def pairwise_distances(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """``(N, N)`` distances between rows: squared Euclidean, or ``1 - cosine similarity``."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    gram = vectors @ vectors.T
+    squared_norms = np.diag(gram)
+    if metric == "euclidean":
+        return np.maximum(squared_norms[:, None] + squared_norms[None, :] - 2 * gram, 0.0)
+    if metric == "cosine":
+        norms = np.sqrt(squared_norms)
+        denominator = np.outer(norms, norms)
+        similarity = np.divide(gram, denominator, out=np.zeros_like(gram), where=denominator > 0)
+        return 1.0 - similarity
+    raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")

@@ -6,7 +6,7 @@ import numpy as np
 
 from flwr_invariant.extras import require
 
-from .krum import pairwise_distances
+from .common import pairwise_distances
 from .numpy_strategy import PseudoGradientStrategy, RoundUpdates
 
 __all__ = ["FLAME", "flame_admitted", "flame_step"]

@@ -8,24 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .common import pairwise_distances
 from .numpy_strategy import PseudoGradientStrategy, RoundUpdates
 
 __all__ = ["MultiKrumCosine", "krum_scores", "select_multi_krum"]
-
-
-def pairwise_distances(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """``(N, N)`` distances between rows: squared Euclidean, or ``1 - cosine similarity``."""
-    vectors = np.asarray(vectors, dtype=np.float64)
-    gram = vectors @ vectors.T
-    squared_norms = np.diag(gram)
-    if metric == "euclidean":
-        return np.maximum(squared_norms[:, None] + squared_norms[None, :] - 2 * gram, 0.0)
-    if metric == "cosine":
-        norms = np.sqrt(squared_norms)
-        denominator = np.outer(norms, norms)
-        similarity = np.divide(gram, denominator, out=np.zeros_like(gram), where=denominator > 0)
-        return 1.0 - similarity
-    raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
 
 
 def krum_scores(vectors: np.ndarray, num_malicious: int, metric: str = "euclidean") -> np.ndarray:

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .common import clip_rows
 from .numpy_strategy import PseudoGradientStrategy, RoundUpdates
 
-__all__ = ["SparseFed", "clip_rows", "top_k_indices"]
-
-
-def clip_rows(vectors: np.ndarray, max_norm: float) -> np.ndarray:
-    """Each row scaled down to L2 norm at most ``max_norm``; ``(N, P)`` -> ``(N, P)``."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors * np.minimum(1.0, max_norm / np.maximum(norms, 1e-12))
+__all__ = ["SparseFed", "top_k_indices"]
 
 
 def top_k_indices(vector: np.ndarray, k: int) -> np.ndarray:

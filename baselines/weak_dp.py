@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .common import clip_rows
 from .numpy_strategy import PseudoGradientStrategy, RoundUpdates
-from .sparsefed import clip_rows
 
 __all__ = ["WeakDP"]
 

@@ -3,8 +3,9 @@
 Modules: ``config`` (run-config defaults and validation), ``data`` (CIFAR-10 +
 Southwest, Fashion-MNIST + ARDIS, the linear task), ``partition`` (seeded IID /
 Dirichlet splits, the malicious pool), ``models``, ``attacks`` (edge-case and
-pixel backdoors, PGD, model replacement), ``training`` (loops, one client's
-round, the server-side ``evaluate_fn``), ``server_app`` (the ``ServerApp``),
+pixel backdoors, PGD, model replacement), ``adaptive`` (ALIE and Neurotoxin
+math), ``attackers`` (the attack modes as objects with training hooks),
+``training`` (loops, one client's round, the server-side ``evaluate_fn``), ``server_app`` (the ``ServerApp``),
 ``compare`` (FedAvg vs Invariant runner), ``download`` (edge-case files with
 sha256 checks), ``safe_pickle`` (restricted unpickler).
 """

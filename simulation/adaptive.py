@@ -2,7 +2,9 @@
 
 Both start from estimates of what benign clients send: the attacker trains
 ``adaptive-estimates`` copies of the global model on its own clean data (with
-different batch orders) and treats those updates as samples of benign updates.
+different batch orders) and treats those updates as samples of benign updates
+(:func:`simulation.attackers.benign_estimates`; the modes themselves are objects
+of :mod:`simulation.attackers`).
 
 - ``alie`` ("A Little Is Enough", Baruch et al., NeurIPS 2019, turned into a
   backdoor attack): train on the poisoned set, then keep the backdoor update only

@@ -1,4 +1,4 @@
-"""Backdoor attacks of a malicious client: poisoned data, PGD projection, model replacement.
+"""Backdoor helpers of a malicious client: poisoned data, PGD projection, model replacement.
 
 Two backdoor kinds (run config ``backdoor``):
 
@@ -11,12 +11,9 @@ Two backdoor kinds (run config ``backdoor``):
   bottom-right corner, labelled ``target-label``; the backdoor test set is every
   clean test image not of the target class, with the same trigger.
 
-Three modes (run config ``attack``): ``"blackbox"`` (plain local training on the
-poisoned set), ``"pgd"`` (after every ``project-every`` optimizer steps and at the
-end, the whole parameter vector is projected onto the L2 ball of radius
-``pgd-eps`` around the global model), ``"pgd-replace"`` (PGD, then the update
-``w - w_global`` is multiplied by ``total / attacker_examples``: model
-replacement). ``"none"`` makes malicious partitions behave benignly.
+The attack modes (run config ``attack``) that use these helpers are the objects
+of :mod:`simulation.attackers`. ``"pgd-replace"`` multiplies the update
+``w - w_global`` by ``total / attacker_examples`` (model replacement).
 
 How the attacker knows ``total`` (the examples behind one round's aggregate):
 run config ``replace-total-examples`` if > 0 (an attacker who knows it);

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any
@@ -15,7 +14,8 @@ from flwr.common.logger import log
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import adaptive, attacks
+from . import attacks
+from .attackers import AttackContext, make_attacker
 from .data import TaskData, load_partitions, load_task
 from .models import build_model, get_device
 from .partition import attacker_partitions, is_attacking
@@ -181,29 +181,6 @@ def train_as_configured(
     )
 
 
-def benign_estimates(
-    model: nn.Module,
-    reference: Sequence[torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    task: TaskData,
-    config: Mapping[str, Any],
-    seed: int,
-) -> torch.Tensor:
-    """``adaptive-estimates`` benign updates ``(K, P)`` of ``model`` on ``(x, y)``, one per batch order.
-
-    What an adaptive attacker uses to guess the benign clients' updates; ``model``
-    itself is not changed.
-    """
-    device = next(model.parameters()).device
-    estimates = []
-    for k in range(config["adaptive-estimates"]):
-        twin = copy.deepcopy(model)
-        train_as_configured(twin, x, y, task, config, device, seed + 1 + k)
-        estimates.append(adaptive.flat_update(twin, reference))
-    return torch.stack(estimates)
-
-
 def local_update(
     config: Mapping[str, Any],
     partition_id: int,
@@ -216,7 +193,9 @@ def local_update(
     Whether this partition attacks in ``server_round`` follows the run config
     (``malicious-fraction``, ``attack-schedule``, ``attack-every``, ``seed``);
     ``attack = "none"`` makes every client benign, and so does ``pretrain``
-    (a round of :mod:`simulation.pretrain`, with its own shuffling seeds).
+    (a round of :mod:`simulation.pretrain`, with its own shuffling seeds). An
+    attacker trains on its poisoned set with the hooks of its
+    :class:`simulation.attackers.Attack`.
     """
     task = load_task(config)
     parts = load_partitions(config)
@@ -227,10 +206,50 @@ def local_update(
     model.load_state_dict(global_state)
     model.to(device)
     reference = attacks.global_snapshot(model)
+    entropy = [config["seed"], partition_id, server_round] + ([PRETRAIN_STREAM] if pretrain else [])
+    seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    rows = torch.from_numpy(parts[partition_id])
+    x, y = task.train_x[rows], task.train_y[rows]
+
+    def train_fn(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_seed: int) -> float:
+        return train_as_configured(net, inputs, labels, task, config, device, batch_seed)
+
+    attacker = None
+    if _attacks_in(config, partition_id, server_round, pretrain):
+        poisoned_x, poisoned_y, num_bad = attacks.poisoned_dataset(
+            task, parts[partition_id], config, np.random.default_rng(seed)
+        )
+        log(
+            INFO,
+            "partition %d attacks in round %d (%s, %d backdoor + %d clean samples)",
+            partition_id,
+            server_round,
+            config["attack"],
+            num_bad,
+            len(poisoned_y) - num_bad,
+        )
+        attacker = make_attacker(
+            AttackContext(model, reference, task, x, y, poisoned_x, poisoned_y, config, seed, train_fn)
+        )
+        attacker.before()
+        x, y = poisoned_x, poisoned_y
+    loss = train_as_configured(
+        model, x, y, task, config, device, seed, attacker.after_step if attacker else None
+    )
+    if attacker:
+        attacker.finish()
+    norm = attacks.update_norm(model, reference)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return ClientResult(state, len(y), loss, attacker is not None, norm)
+
+
+def _attacks_in(config: Mapping[str, Any], partition_id: int, server_round: int, pretrain: bool) -> bool:
+    """Whether ``partition_id`` attacks in ``server_round``: never in pretraining or with
+    ``attack = "none"``, else as the malicious pool and the attack schedule say."""
     attackers = attacker_partitions(
         config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
     )
-    attacking = (
+    return (
         not pretrain
         and config["attack"] != "none"
         and is_attacking(
@@ -242,50 +261,6 @@ def local_update(
             config["attack-start-round"],
         )
     )
-    entropy = [config["seed"], partition_id, server_round] + ([PRETRAIN_STREAM] if pretrain else [])
-    seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
-    after_step = None
-    if attacking:
-        x, y, num_bad = attacks.poisoned_dataset(
-            task, parts[partition_id], config, np.random.default_rng(seed)
-        )
-        log(
-            INFO,
-            "partition %d attacks in round %d (%s, %d backdoor + %d clean samples)",
-            partition_id,
-            server_round,
-            config["attack"],
-            num_bad,
-            len(y) - num_bad,
-        )
-        if config["attack"] in ("pgd", "pgd-replace"):
-            after_step = attacks.pgd_hook(model, reference, config["pgd-eps"], config["project-every"])
-        if config["attack"] in ("alie", "neurotoxin"):
-            rows = torch.from_numpy(parts[partition_id])
-            benign = benign_estimates(
-                model, reference, task.train_x[rows], task.train_y[rows], task, config, seed
-            )
-        if config["attack"] == "neurotoxin":
-            after_step = adaptive.neurotoxin_hook(
-                model, reference, adaptive.top_coordinates(benign.mean(dim=0), config["neurotoxin-top"])
-            )
-    else:
-        rows = torch.from_numpy(parts[partition_id])
-        x, y = task.train_x[rows], task.train_y[rows]
-    loss = train_as_configured(model, x, y, task, config, device, seed, after_step)
-    if attacking and config["attack"] in ("pgd", "pgd-replace"):
-        attacks.project_l2_(model, reference, config["pgd-eps"])
-    if attacking and config["attack"] == "neurotoxin":
-        after_step(0)
-    if attacking and config["attack"] == "alie":
-        backdoor = adaptive.flat_update(model, reference)
-        chosen = adaptive.alie_update(backdoor, benign, config["adaptive-z"], config["tau"])
-        adaptive.set_flat_update_(model, reference, chosen)
-    if attacking and config["attack"] == "pgd-replace":
-        attacks.scale_update_(model, reference, attacks.replacement_factor(config, len(task.train_y), len(y)))
-    norm = attacks.update_norm(model, reference)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return ClientResult(state, len(y), loss, attacking, norm)
 
 
 def is_full_evaluation(server_round: int, config: Mapping[str, Any]) -> bool:

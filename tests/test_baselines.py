@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 import baselines
+from baselines.common import clip_rows, pairwise_distances
 from baselines.flain import flip_low_activation_updates, rescale_to_norm
 from baselines.flame import flame_admitted, flame_step
 from baselines.foolsgold import foolsgold_weights
 from baselines.krum import krum_scores, select_multi_krum
 from baselines.rfa import geometric_median
 from baselines.signsgd import majority_vote
-from baselines.sparsefed import SparseFed, clip_rows, top_k_indices
+from baselines.sparsefed import SparseFed, top_k_indices
 
 from .helpers import message_round, reply_content
 
@@ -47,6 +48,19 @@ def test_registry_names_every_defense_of_the_issue():
     assert baselines.assumed_malicious({"assumed-malicious": 1, "clients-per-round": 20}) == 1
     _, bulyan = baselines.DEFENSES["krum-trimmed-mean"]({"malicious-fraction": 0.2, "clients-per-round": 10})
     assert bulyan["num_malicious_nodes"] == 1  # f = 2 would need 11 replies; the largest that fits
+
+
+def test_pairwise_distances_squared_euclidean_and_cosine():
+    vectors = np.array([[3.0, 4.0], [0.0, 0.0], [-6.0, -8.0]])
+    np.testing.assert_allclose(
+        pairwise_distances(vectors, "euclidean"), [[0, 25, 225], [25, 0, 100], [225, 100, 0]]
+    )
+    # a zero row has similarity 0 to everything (distance 1), itself included
+    np.testing.assert_allclose(
+        pairwise_distances(vectors, "cosine"), [[0, 1, 2], [1, 1, 1], [2, 1, 0]], atol=1e-12
+    )
+    with pytest.raises(ValueError, match="metric"):
+        pairwise_distances(vectors, "manhattan")
 
 
 def test_krum_picks_the_update_with_the_smallest_score():

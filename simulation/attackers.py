@@ -1,0 +1,214 @@
+"""The attack modes of a malicious client (run config ``attack``), one object each.
+
+:func:`simulation.training.local_update` trains an attacking client on its
+poisoned set (:func:`simulation.attacks.poisoned_dataset`) and calls its
+:class:`Attack`'s hooks: :meth:`~Attack.before` training, :meth:`~Attack.after_step`
+after every optimizer step, :meth:`~Attack.finish` on the trained model. Modes:
+
+- ``"blackbox"``: plain local training on the poisoned set (no hooks).
+- ``"pgd"``: after every ``project-every`` optimizer steps and at the end, the
+  whole parameter vector is projected onto the L2 ball of radius ``pgd-eps``
+  around the global model.
+- ``"pgd-replace"``: PGD, then the update ``w - w_global`` is multiplied by
+  ``total / attacker_examples`` (model replacement; see
+  :func:`simulation.attacks.replacement_factor`).
+- ``"alie"``, ``"neurotoxin"``: attackers that know the defense; they first
+  train benign estimates on their own clean data (see :mod:`simulation.adaptive`).
+
+``"none"`` (every client benign) has no object. A new mode is a subclass of
+:class:`Attack` (or :class:`EstimatingAttack`, to start from benign estimates)
+with a ``name``, listed in :data:`ATTACKERS` and in
+:data:`simulation.config.ATTACKS`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import adaptive, attacks
+from .data import TaskData
+
+__all__ = [
+    "ALIE",
+    "ATTACKERS",
+    "PGD",
+    "Attack",
+    "AttackContext",
+    "Blackbox",
+    "EstimatingAttack",
+    "Neurotoxin",
+    "PGDReplace",
+    "TrainFn",
+    "benign_estimates",
+    "make_attacker",
+]
+
+#: ``train(model, x, y, seed) -> mean loss``: the client's local training (run
+#: config settings, batch order shuffled with ``seed``), applied to ``model`` in place.
+TrainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], float]
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """What a malicious client has in a round it attacks.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The model it trains, in place; holds the global model until training starts.
+    reference : sequence of torch.Tensor
+        The global model's parameters (detached copies, ``model.parameters()`` order).
+    task : TaskData
+    own_x, own_y : torch.Tensor
+        Its partition's clean training inputs ``(n, ...)`` and int64 labels ``(n,)``.
+    x, y : torch.Tensor
+        Its poisoned training set (backdoor samples first), ``(m, ...)`` and ``(m,)``.
+    config : mapping
+        The resolved run config.
+    seed : int
+        The client's round seed (its batch order; benign estimates use ``seed + 1 + k``).
+    train : TrainFn
+        Local training as benign clients do it.
+    """
+
+    model: nn.Module
+    reference: Sequence[torch.Tensor]
+    task: TaskData
+    own_x: torch.Tensor
+    own_y: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    config: Mapping[str, Any]
+    seed: int
+    train: TrainFn
+
+
+class Attack:
+    """One round of an attack mode: hooks around local training on the poisoned set.
+
+    The base class has no-op hooks, i.e. plain training on the poisoned set.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, context: AttackContext) -> None:
+        self.context = context
+
+    def before(self) -> None:
+        """Called once before local training."""
+
+    def after_step(self, step: int) -> None:
+        """Called after the ``step``-th optimizer step (from 1)."""
+
+    def finish(self) -> None:
+        """Called once on the trained model; may edit ``context.model`` in place."""
+
+
+class Blackbox(Attack):
+    """Plain local training on the poisoned set."""
+
+    name = "blackbox"
+
+
+class PGD(Attack):
+    """Projection onto the L2 ball of radius ``pgd-eps`` around the global model,
+    every ``project-every`` optimizer steps and after training."""
+
+    name = "pgd"
+
+    def __init__(self, context: AttackContext) -> None:
+        super().__init__(context)
+        config = context.config
+        self._project = attacks.pgd_hook(
+            context.model, context.reference, config["pgd-eps"], config["project-every"]
+        )
+
+    def after_step(self, step: int) -> None:
+        self._project(step)
+
+    def finish(self) -> None:
+        attacks.project_l2_(self.context.model, self.context.reference, self.context.config["pgd-eps"])
+
+
+class PGDReplace(PGD):
+    """PGD, then the update scaled by ``total / attacker_examples`` (model replacement)."""
+
+    name = "pgd-replace"
+
+    def finish(self) -> None:
+        super().finish()
+        context = self.context
+        factor = attacks.replacement_factor(context.config, len(context.task.train_y), len(context.y))
+        attacks.scale_update_(context.model, context.reference, factor)
+
+
+def benign_estimates(context: AttackContext) -> torch.Tensor:
+    """``adaptive-estimates`` benign updates ``(K, P)``: copies of the global model
+    trained on the attacker's clean data, the k-th with batch-order seed ``seed + 1 + k``.
+
+    What an adaptive attacker uses to guess the benign clients' updates;
+    ``context.model`` itself is not changed.
+    """
+    estimates = []
+    for k in range(context.config["adaptive-estimates"]):
+        twin = copy.deepcopy(context.model)
+        context.train(twin, context.own_x, context.own_y, context.seed + 1 + k)
+        estimates.append(adaptive.flat_update(twin, context.reference))
+    return torch.stack(estimates)
+
+
+class EstimatingAttack(Attack):
+    """An attack that starts from :func:`benign_estimates` (kept in ``self.benign``, ``(K, P)``)."""
+
+    benign: torch.Tensor
+
+    def before(self) -> None:
+        self.benign = benign_estimates(self.context)
+
+
+class ALIE(EstimatingAttack):
+    """The backdoor update kept only where it passes for benign (:func:`simulation.adaptive.alie_update`)."""
+
+    name = "alie"
+
+    def finish(self) -> None:
+        context, config = self.context, self.context.config
+        backdoor = adaptive.flat_update(context.model, context.reference)
+        chosen = adaptive.alie_update(backdoor, self.benign, config["adaptive-z"], config["tau"])
+        adaptive.set_flat_update_(context.model, context.reference, chosen)
+
+
+class Neurotoxin(EstimatingAttack):
+    """The ``neurotoxin-top`` most benign-updated coordinates held at the global
+    model's values after every step and after training."""
+
+    name = "neurotoxin"
+
+    def before(self) -> None:
+        super().before()
+        frozen = adaptive.top_coordinates(self.benign.mean(dim=0), self.context.config["neurotoxin-top"])
+        self._reset = adaptive.neurotoxin_hook(self.context.model, self.context.reference, frozen)
+
+    def after_step(self, step: int) -> None:
+        self._reset(step)
+
+    def finish(self) -> None:
+        self._reset(0)
+
+
+#: Attack mode name -> class; with ``"none"`` these are :data:`simulation.config.ATTACKS`.
+ATTACKERS: dict[str, type[Attack]] = {cls.name: cls for cls in (Blackbox, PGD, PGDReplace, ALIE, Neurotoxin)}
+
+
+def make_attacker(context: AttackContext) -> Attack:
+    """The :class:`Attack` of run config ``attack`` for this round."""
+    name = context.config["attack"]
+    if name not in ATTACKERS:
+        raise ValueError(f"run config 'attack' must be one of {', '.join(ATTACKERS)} to attack, got {name!r}")
+    return ATTACKERS[name](context)
