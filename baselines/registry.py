@@ -31,6 +31,7 @@ from .flower_builtin import (
 from .foolsgold import FoolsGold
 from .krum import MultiKrumCosine
 from .rfa import RFA
+from .robust_lr import RobustLR
 from .signsgd import SignSGD
 from .sparsefed import SparseFed
 from .weak_dp import WeakDP
@@ -73,6 +74,16 @@ def _multi_krum(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
     return ScreenedMultiKrum, {"num_malicious_nodes": f, "num_nodes_to_select": selected}
 
 
+def _robust_lr(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    """theta = f + 1, the least net vote the f attackers cannot cast alone (at most one per client)."""
+    per_round = int(config.get("clients-per-round", 10))
+    threshold = assumed_malicious(config) + 1
+    if threshold > per_round:
+        log(WARNING, "robust-lr: threshold f + 1 = %d exceeds the %d clients per round; using %d",
+            threshold, per_round, per_round)  # fmt: skip
+    return RobustLR, {"threshold": min(threshold, per_round)}
+
+
 DEFENSES: dict[str, DefenseFactory] = {
     "fedavg": lambda config: (ScreenedFedAvg, {}),
     "invariant": _invariant,
@@ -89,6 +100,7 @@ DEFENSES: dict[str, DefenseFactory] = {
     "sparsefed": lambda config: (SparseFed, {}),
     "flame": lambda config: (FLAME, {"seed": int(config.get("seed", 0))}),
     "flain": lambda config: (FLAIN, {}),
+    "robust-lr": _robust_lr,
 }
 
 

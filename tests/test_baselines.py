@@ -13,6 +13,7 @@ from baselines.flame import flame_admitted, flame_step
 from baselines.foolsgold import foolsgold_weights
 from baselines.krum import krum_scores, select_multi_krum
 from baselines.rfa import geometric_median
+from baselines.robust_lr import robust_learning_rates
 from baselines.signsgd import majority_vote
 from baselines.sparsefed import SparseFed, top_k_indices
 
@@ -43,6 +44,7 @@ def test_registry_names_every_defense_of_the_issue():
     assert set(baselines.defense_names()) == {
         "fedavg", "invariant", "krum", "multi-krum", "multi-krum-cosine", "trimmed-mean", "median",
         "krum-trimmed-mean", "sign-sgd", "weak-dp", "foolsgold", "rfa", "sparsefed", "flame", "flain",
+        "robust-lr",
     }  # fmt: skip
     assert baselines.assumed_malicious({"malicious-fraction": 0.2, "clients-per-round": 20}) == 4
     assert baselines.assumed_malicious({"assumed-malicious": 1, "clients-per-round": 20}) == 1
@@ -146,6 +148,55 @@ def test_sparsefed_applies_top_k_and_keeps_the_rest_for_later():
     mean = np.array([0.0, 1.0, 0.5], dtype=np.float32)
     step, _ = SparseFed.server_step(strategy, _round_updates(np.stack([mean, mean])))
     np.testing.assert_allclose(step, [0.0, 2.0, 0.0])  # 1 carried over + 1 new
+
+
+# 4 clients x 5 coordinates; net sign votes 4, 1 (a zero abstains), -2, 0 (tie), 0 (all zero).
+RLR_CLIENTS = [
+    [1.0, 2.0, -1.0, 1.0, 0.0],
+    [2.0, 1.0, -2.0, -1.0, 0.0],
+    [1.0, -1.0, -1.0, 1.0, 0.0],
+    [1.0, 0.0, 3.0, -1.0, 0.0],
+]
+RLR_EXAMPLES = [10, 20, 30, 40]  # weights 0.1, 0.2, 0.3, 0.4
+
+
+def test_robust_learning_rates_flip_below_the_threshold():
+    clients = np.array(RLR_CLIENTS, dtype=np.float32)
+    np.testing.assert_array_equal(robust_learning_rates(clients, 0), [1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(robust_learning_rates(clients, 1), [1, 1, 1, -1, -1])
+    np.testing.assert_array_equal(robust_learning_rates(clients, 2, 0.5), [0.5, -0.5, 0.5, -0.5, -0.5])
+    np.testing.assert_array_equal(robust_learning_rates(clients, 3), [1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(robust_learning_rates(clients, 5), [-1, -1, -1, -1, -1])
+    cls, robust = baselines.DEFENSES["robust-lr"]({"malicious-fraction": 0.2, "clients-per-round": 10})
+    assert robust["threshold"] == 3  # f + 1
+    with pytest.raises(ValueError, match="threshold"):
+        cls(threshold=-1)
+    _, robust = baselines.DEFENSES["robust-lr"]({"assumed-malicious": 4, "clients-per-round": 4})
+    assert robust["threshold"] == 4  # at most every client
+
+
+@pytest.mark.parametrize(
+    ("assumed", "expected", "flipped"),
+    [
+        # Weighted means 1.2, 0.1, 0.4, -0.2, 0. theta = 2: votes 4 and |-2| pass; 1, 0, 0 flip.
+        (1, [1.2, -0.1, 0.4, 0.2, 0.0], 3 / 5),
+        # theta = 3: |-2| flips too.
+        (2, [1.2, -0.1, -0.4, 0.2, 0.0], 4 / 5),
+    ],
+)
+def test_robust_lr_step_by_hand_and_a_nan_reply_casts_no_vote(assumed, expected, flipped):
+    global_weights = [np.zeros(5, dtype=np.float32), GLOBAL[1]]
+    contents = [  # client i returns w - g_i = -g_i; the NaN reply would outweigh them all
+        reply_content([-np.float32(g), GLOBAL[1]], num_examples=n)
+        for g, n in zip(RLR_CLIENTS, RLR_EXAMPLES, strict=True)
+    ]
+    contents.append(reply_content([np.full(5, np.nan, dtype=np.float32), GLOBAL[1]], num_examples=1000))
+    cls, kwargs = baselines.DEFENSES["robust-lr"]({"clients-per-round": 5, "assumed-malicious": assumed})
+    weights, metrics = message_round(cls(**kwargs), global_weights, contents)
+    np.testing.assert_allclose(-weights[0], expected, atol=1e-6)
+    assert metrics["num_excluded"] == 1 and metrics["num_aggregated"] == 4
+    assert metrics["robust_lr_flipped_fraction"] == pytest.approx(flipped)
+    assert weights[1] == GLOBAL[1]
 
 
 def _round_updates(pseudo_gradients):
