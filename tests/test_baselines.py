@@ -1,5 +1,6 @@
 """Every baseline on small inputs whose right answer is known by hand, through real Flower records."""
 
+import importlib.metadata
 import importlib.util
 import logging
 
@@ -20,6 +21,20 @@ from baselines.sparsefed import SparseFed, top_k_indices
 from .helpers import message_round, reply_content
 
 pytestmark = pytest.mark.usefixtures("task_identity")
+# Flower's own FedMedian / FedTrimmedAvg / Bulyan fail on 0-d arrays (GLOBAL[1], like BatchNorm's
+# num_batches_tracked) before flwr 1.28, a Flower bug fixed there; the plugin itself is unaffected.
+FLOWER_VERSION = tuple(int(part) for part in importlib.metadata.version("flwr").split(".")[:2])
+flower_zero_d_bug = pytest.mark.xfail(
+    FLOWER_VERSION < (1, 28), raises=TypeError, strict=True, reason="Flower < 1.28 fails on 0-d arrays"
+)
+FLOWER_ZERO_D_BUG = {"median", "trimmed-mean", "krum-trimmed-mean"}
+
+
+def marks_for(name: str) -> list:
+    """The marks of defense ``name`` in the tests that run every defense."""
+    return [needs_sklearn] * (name == "flame") + [flower_zero_d_bug] * (name in FLOWER_ZERO_D_BUG)
+
+
 needs_sklearn = pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None, reason="FLAME needs scikit-learn (the 'simulation' extra)"
 )
@@ -85,6 +100,7 @@ def test_multi_krum_excludes_the_outlier_euclidean_and_cosine():
     assert 3 not in select_multi_krum(vectors, 1, 3, metric="cosine")
 
 
+@flower_zero_d_bug
 def test_trimmed_mean_and_median():
     step, _, _ = run("trimmed-mean", [*HONEST, *OUTLIER])  # beta 0.2 of 6: int(1.2) = 1 per tail
     expected = np.sort(np.array([*HONEST, *OUTLIER]), axis=0)[1:5].mean(axis=0)
@@ -93,6 +109,7 @@ def test_trimmed_mean_and_median():
     np.testing.assert_allclose(step, [2.0, 4.0, 0.0])
 
 
+@flower_zero_d_bug
 def test_krum_trimmed_mean_drops_the_outlier():
     clients = [[float(v), 0.0, 0.0] for v in (1, 2, 3, 4, 5, 6)] + [[100.0, 0.0, 0.0]]
     step, _, _ = run("krum-trimmed-mean", clients, {"assumed-malicious": 1})  # N = 7 = 4f + 3
@@ -235,7 +252,12 @@ def test_flain_flips_low_activation_columns_and_keeps_the_norm():
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=[needs_sklearn] if n == "flame" else []) for n in sorted(baselines.DEFENSES)],
+    [
+        pytest.param(
+            n, marks=[needs_sklearn] * (n == "flame") + [flower_zero_d_bug] * (n in FLOWER_ZERO_D_BUG)
+        )
+        for n in sorted(baselines.DEFENSES)
+    ],
 )
 def test_every_defense_excludes_a_nan_update_and_survives(name, flwr_logs):
     clients = [*HONEST, *HONEST[:2]]
