@@ -7,6 +7,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 
 import baselines
 import flwr_invariant
@@ -20,17 +21,22 @@ start = [np.zeros(3, dtype=np.float32)]
 returned = [np.ones(3, dtype=np.float32)]
 
 
-class Proxy:
-    cid = "client-0"
+class Proxy(ClientProxy):
+    """Identity only: the strategy reads nothing but ``cid``."""
+
+    get_properties = get_parameters = fit = evaluate = reconnect = None
 
 
-legacy = flwr_invariant.InvariantAggregation()
-legacy.configure_fit(1, ndarrays_to_parameters(start), SimpleClientManager())
+Proxy.__abstractmethods__ = frozenset()
+manager = SimpleClientManager()
+manager.register(proxy := Proxy("client-0"))
+legacy = flwr_invariant.InvariantAggregation(min_fit_clients=1, min_available_clients=1)
+legacy.configure_fit(1, ndarrays_to_parameters(start), manager)
 fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(returned), 10, {})
-parameters, metrics = legacy.aggregate_fit(1, [(Proxy(), fit)], [])
+parameters, metrics = legacy.aggregate_fit(1, [(proxy, fit)], [])
 assert parameters_to_ndarrays(parameters)[0].tolist() == [1.0, 1.0, 1.0], metrics
 
-message_api = flwr_invariant.serverapp.InvariantAggregation()
+message_api = flwr_invariant.serverapp.InvariantAggregation(min_train_nodes=1, min_available_nodes=1)
 
 
 class Nodes:
