@@ -18,6 +18,14 @@ of :mod:`simulation.attackers`).
   backdoor lives in coordinates benign clients rarely overwrite. The paper takes
   the top coordinates from the last global update; here they come from the
   attacker's own benign estimate, which needs no state across rounds.
+- ``mask-tipping`` (ours; the attack on the AND-mask our attribution measured): a
+  white-box attacker that knows ``tau``, ``trim-ratio`` and how many colluders a
+  round holds on average. From its benign estimates it predicts, per coordinate,
+  the benign clients' net sign vote toward its backdoor update; it sends the
+  backdoor's sign where the colluders' votes lift that vote to the mask's
+  threshold (coordinates the benign clients lean toward, below ``tau``, and those
+  they already pass), with values inside ``mean +- adaptive-z * std`` of the benign
+  estimates so the trimmed mean keeps them, and the benign mean everywhere else.
 """
 
 from __future__ import annotations
@@ -27,7 +35,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["alie_update", "flat_update", "neurotoxin_hook", "set_flat_update_", "top_coordinates"]
+from flwr_invariant.aggregate import min_votes
+
+__all__ = [
+    "alie_update",
+    "expected_votes",
+    "flat_update",
+    "mask_tipping_update",
+    "neurotoxin_hook",
+    "set_flat_update_",
+    "top_coordinates",
+]
 
 
 @torch.no_grad()
@@ -83,3 +101,46 @@ def neurotoxin_hook(
         set_flat_update_(model, reference, update)
 
     return after_step
+
+
+def expected_votes(benign: torch.Tensor, direction: torch.Tensor, num_benign: int) -> torch.Tensor:
+    """Expected net sign votes of ``num_benign`` benign clients along ``direction``, per coordinate.
+
+    ``benign``: ``(K, P)`` estimated benign updates; each benign client's value is
+    taken as normal with their mean and std, so it votes ``+1`` along ``direction``
+    with probability ``Phi(direction * mean / std)`` (``std = 0``: the sign of the mean).
+    Returns ``(P,)`` in ``[-num_benign, num_benign]``.
+    """
+    mean, std = benign.mean(dim=0), benign.std(dim=0, unbiased=False)
+    standardised = direction * mean / std.clamp_min(torch.finfo(std.dtype).tiny)
+    return num_benign * (2 * torch.special.ndtr(standardised) - 1)
+
+
+def mask_tipping_update(
+    backdoor: torch.Tensor,
+    benign: torch.Tensor,
+    *,
+    tau: float,
+    clients_per_round: int,
+    colluders: int,
+    z: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update a mask-tipping attacker sends, and the coordinates it spends it on.
+
+    ``backdoor``: ``(P,)`` its poisoned-training update; ``benign``: ``(K, P)`` estimated
+    benign updates; ``colluders``: attackers it expects in a round of ``clients_per_round``.
+    Target coordinates: the benign clients' expected net vote along ``sign(backdoor)``
+    plus the colluders' votes reaches ``min_votes(clients_per_round, tau)``, and the
+    benign range ``mean +- z * std`` reaches the backdoor's side of zero. There the
+    update is the backdoor's sign with a magnitude clipped into that range; elsewhere
+    the benign mean. Returns ``(update, target)``, ``(P,)`` float and bool.
+    """
+    mean, std = benign.mean(dim=0), benign.std(dim=0, unbiased=False)
+    direction = torch.sign(backdoor)
+    votes = expected_votes(benign, direction, clients_per_round - colluders)
+    reach = direction * mean + z * std  # farthest a value may go toward the backdoor and look benign
+    target = (direction != 0) & (votes + colluders >= min_votes(clients_per_round, tau)) & (reach > 0)
+    floor = torch.clamp(direction * mean - z * std, min=0.0)
+    magnitude = torch.minimum(torch.maximum(backdoor.abs(), floor), reach)
+    magnitude = torch.where(magnitude > 0, magnitude, reach)  # a zero would cast no vote
+    return torch.where(target, direction * magnitude, mean), target

@@ -12,8 +12,8 @@ after every optimizer step, :meth:`~Attack.finish` on the trained model. Modes:
 - ``"pgd-replace"``: PGD, then the update ``w - w_global`` is multiplied by
   ``total / attacker_examples`` (model replacement; see
   :func:`simulation.attacks.replacement_factor`).
-- ``"alie"``, ``"neurotoxin"``: attackers that know the defense; they first
-  train benign estimates on their own clean data (see :mod:`simulation.adaptive`).
+- ``"alie"``, ``"neurotoxin"``, ``"mask-tipping"``: attackers that know the defense;
+  they first train benign estimates on their own clean data (see :mod:`simulation.adaptive`).
 
 ``"none"`` (every client benign) has no object. A new mode is a subclass of
 :class:`Attack` (or :class:`EstimatingAttack`, to start from benign estimates)
@@ -42,6 +42,7 @@ __all__ = [
     "AttackContext",
     "Blackbox",
     "EstimatingAttack",
+    "MaskTipping",
     "Neurotoxin",
     "PGDReplace",
     "TrainFn",
@@ -202,8 +203,40 @@ class Neurotoxin(EstimatingAttack):
         self._reset(0)
 
 
+class MaskTipping(EstimatingAttack):
+    """Votes where the colluders tip the AND-mask toward the backdoor, with benign-looking values
+    (:func:`simulation.adaptive.mask_tipping_update`); the benign mean elsewhere.
+
+    It knows the defense's ``tau`` and the round's size and expects
+    ``round(malicious-fraction * clients-per-round)`` colluders (at least 1; 1 under
+    ``every-k``). The ``trim-ratio`` needs no estimate: values inside the benign range
+    are the ones a trimmed mean keeps.
+    """
+
+    name = "mask-tipping"
+
+    def finish(self) -> None:
+        context, config = self.context, self.context.config
+        per_round = config["clients-per-round"]
+        colluders = 1
+        if config["attack-schedule"] == "pool":
+            colluders = min(per_round, max(1, round(config["malicious-fraction"] * per_round)))
+        backdoor = adaptive.flat_update(context.model, context.reference)
+        update, _ = adaptive.mask_tipping_update(
+            backdoor,
+            self.benign,
+            tau=config["tau"],
+            clients_per_round=per_round,
+            colluders=colluders,
+            z=config["adaptive-z"],
+        )
+        adaptive.set_flat_update_(context.model, context.reference, update)
+
+
 #: Attack mode name -> class; with ``"none"`` these are :data:`simulation.config.ATTACKS`.
-ATTACKERS: dict[str, type[Attack]] = {cls.name: cls for cls in (Blackbox, PGD, PGDReplace, ALIE, Neurotoxin)}
+ATTACKERS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (Blackbox, PGD, PGDReplace, ALIE, Neurotoxin, MaskTipping)
+}
 
 
 def make_attacker(context: AttackContext) -> Attack:

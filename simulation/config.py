@@ -83,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "weight-decay": 0.0,
     "eval-batch-size": 512,
     # attack
-    "attack": "blackbox",  # none | blackbox | pgd | pgd-replace | alie | neurotoxin (adaptive)
+    "attack": "blackbox",  # none | blackbox | pgd | pgd-replace | alie | neurotoxin | mask-tipping
     "backdoor": "edge-case",  # edge-case | pixel (BadNets-style trigger)
     "attack-schedule": "pool",  # pool (fixed malicious pool) | every-k (one attacker every k rounds)
     "malicious-fraction": 0.2,
@@ -111,7 +111,7 @@ TASKS = ("cifar10", "fmnist", "linear")
 DEFENSES = tuple(defense_names())
 MODELS = ("resnet18", "resnet18-cifar", "resnet18-imagenet", "cnn", "linear")
 PARTITIONS = ("dirichlet", "iid")
-ATTACKS = ("none", "blackbox", "pgd", "pgd-replace", "alie", "neurotoxin")
+ATTACKS = ("none", "blackbox", "pgd", "pgd-replace", "alie", "neurotoxin", "mask-tipping")
 BACKDOORS = ("edge-case", "pixel")
 SCHEDULES = ("pool", "every-k")
 

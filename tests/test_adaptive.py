@@ -48,3 +48,49 @@ def test_adaptive_attackers_train_for_real(mode):
         assert (update == 0).float().mean() >= 0.5  # the frozen half did not move
     benign = local_update(resolve_config(LINEAR, {"attack": "none"}), attacker, 1, global_state)
     assert not benign.attacking
+
+
+def test_mask_tipping_spends_its_votes_where_colluders_reach_the_threshold():
+    from simulation.adaptive import expected_votes, mask_tipping_update
+
+    # Three benign estimates of five coordinates; the backdoor pushes every coordinate up.
+    benign = torch.tensor(
+        [
+            [1.0, 0.2, -0.2, -1.0, 0.5],
+            [1.0, 0.1, -0.1, -1.0, 0.5],
+            [1.0, 0.3, -0.3, -1.0, 0.5],
+        ]
+    )
+    backdoor = torch.tensor([5.0, 5.0, 5.0, 5.0, 0.01])
+    votes = expected_votes(benign, torch.sign(backdoor), 16)
+    # coordinates 0, 4: every benign client votes up (std 0 or tiny spread); 3: all vote down;
+    # 1: mean 0.2, std 0.082 -> Phi(2.45) = 0.993 up; 2: the mirror image.
+    assert votes[0] == 16 and votes[4] == 16 and votes[3] == -16
+    assert votes[1] == pytest.approx(16 * (2 * 0.99286 - 1), abs=1e-3) and votes[2] == pytest.approx(
+        -votes[1]
+    )
+    update, target = mask_tipping_update(backdoor, benign, tau=0.6, clients_per_round=20, colluders=4, z=1.0)
+    # min_votes(20, 0.6) = 12: 0, 1 and 4 pass with the colluders; 2 and 3 (benign lean down) do not.
+    assert target.tolist() == [True, True, False, False, True]
+    std = benign.std(dim=0, unbiased=False)
+    assert update[0] == pytest.approx(1.0)  # clipped to mean + z * std = 1.0 (std 0)
+    assert update[1] == pytest.approx(0.2 + std[1])  # clipped to the top of the benign range
+    assert update[4] == pytest.approx(0.5)  # too small: raised to the bottom of the range, mean - z*std
+    assert update[2] == pytest.approx(-0.2) and update[3] == pytest.approx(-1.0)  # the benign mean
+
+
+def test_mask_tipping_tips_a_coordinate_benign_clients_lean_toward_but_do_not_pass():
+    from simulation.adaptive import mask_tipping_update
+
+    # mean 0.1367, std 0.1967: each benign client votes up with Phi(0.695) = 0.756, a net lean of
+    # 0.513: 16 benign clients give 8.2 < 12 = min_votes(20, 0.6); 4 colluders tip it (12.2), one
+    # colluder with 19 benign clients does not (10.7).
+    benign = torch.tensor([[0.3], [-0.14], [0.25]])
+    update, target = mask_tipping_update(
+        torch.tensor([2.0]), benign, tau=0.6, clients_per_round=20, colluders=4, z=1.0
+    )
+    assert target.tolist() == [True] and update[0] > 0
+    _, alone = mask_tipping_update(
+        torch.tensor([2.0]), benign, tau=0.6, clients_per_round=20, colluders=1, z=1.0
+    )
+    assert alone.tolist() == [False]  # one attacker cannot tip it
