@@ -28,6 +28,19 @@ Grid file (TOML; YAML with the same keys works too)::
     [resources]                        # optional
     cpus-per-client = 1
     gpus-per-client = 0.25             # or "auto"
+
+A grid that is not one product lists ``[[cells]]`` tables, each with its own
+``defenses``, ``attacks`` and ``seeds``; the runs are their union (each run once)::
+
+    [[cells]]
+    defenses = ["fedavg", "invariant"]
+    attacks = ["blackbox"]
+    seeds = [0, 1, 2]
+
+    [[cells]]
+    defenses = ["fedavg", "invariant", "robust-lr"]
+    attacks = ["pgd"]
+    seeds = [0]
 """
 
 from __future__ import annotations
@@ -52,7 +65,8 @@ from .launcher import Resources, run
 
 __all__ = ["GridSpec", "load_grid", "run_grid", "run_into", "versions"]
 
-GRID_KEYS = ("name", "output", "defenses", "attacks", "seeds", "base", "resources")
+GRID_KEYS = ("name", "output", "defenses", "attacks", "seeds", "cells", "base", "resources")
+CELL_KEYS = ("defenses", "attacks", "seeds")
 RESOURCE_KEYS = {
     "cpus-per-client": "cpus_per_client",
     "gpus-per-client": "gpus_per_client",
@@ -73,9 +87,12 @@ class GridSpec:
     seeds: list[int]
     base: dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    #: further ``(defenses, attacks, seeds)`` products, for grids that are not one product
+    cells: list[tuple[list[str], list[str], list[int]]] = field(default_factory=list)
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(run name, run-config overrides)`` for every defense x attack x seed.
+        """``(run name, run-config overrides)`` for every defense x attack x seed of the
+        top-level lists and of each cell, in that order, each run once.
 
         With ``pretrain-rounds`` set, ``pretrain-cache`` defaults to
         ``OUTPUT/pretrained``: the runs of one seed share one pretrained model.
@@ -83,15 +100,14 @@ class GridSpec:
         base = dict(self.base)
         if base.get("pretrain-rounds") and not base.get("pretrain-cache"):
             base["pretrain-cache"] = str(self.output / CACHE_DIR_NAME)
-        return [
-            (
-                f"{defense}__{attack}__seed{seed}",
-                {**base, "defense": defense, "attack": attack, "seed": seed},
-            )
-            for defense in self.defenses
-            for attack in self.attacks
-            for seed in self.seeds
-        ]
+        runs: dict[str, dict[str, Any]] = {}
+        for defenses, attacks, seeds in [(self.defenses, self.attacks, self.seeds), *self.cells]:
+            for defense in defenses:
+                for attack in attacks:
+                    for seed in seeds:
+                        overrides = {**base, "defense": defense, "attack": attack, "seed": seed}
+                        runs.setdefault(f"{defense}__{attack}__seed{seed}", overrides)
+        return list(runs.items())
 
 
 def resources_from(table: Mapping[str, Any], where: str) -> Resources:
@@ -126,14 +142,24 @@ def load_grid(path: str | Path) -> GridSpec:
     unknown = sorted(set(base) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"{path}: unknown run-config key(s) in [base]: {unknown} (see simulation/config.py)")
+    cells = []
+    for number, cell in enumerate(raw.get("cells", []), start=1):
+        unknown = sorted(set(cell) - set(CELL_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown} in cell {number}; valid: {list(CELL_KEYS)}")
+        cells.append(_lists(cell, {"defenses": ["invariant"]}))
+    # Without cells the top-level lists have defaults; with cells they are optional extras.
+    defaults = {"defenses": ["fedavg", "invariant"]} if not cells else {"defenses": []}
+    defenses, attacks, seeds = _lists(raw, defaults)
     spec = GridSpec(
         name=str(raw.get("name", path.stem)),
         output=Path(raw.get("output", Path("results") / path.stem)),
-        defenses=list(raw.get("defenses", ["fedavg", "invariant"])),
-        attacks=list(raw.get("attacks", [DEFAULTS["attack"]])),
-        seeds=[int(s) for s in raw.get("seeds", [0])],
+        defenses=defenses,
+        attacks=attacks,
+        seeds=seeds,
         base=base,
         resources=resources_from(raw.get("resources", {}), f"{path} [resources]"),
+        cells=cells,
     )
     for name, overrides in spec.runs():
         try:
@@ -141,6 +167,15 @@ def load_grid(path: str | Path) -> GridSpec:
         except ValueError as error:
             raise ValueError(f"{path}: run {name}: {error}") from None
     return spec
+
+
+def _lists(table: Mapping[str, Any], defaults: Mapping[str, list]) -> tuple[list[str], list[str], list[int]]:
+    """``(defenses, attacks, seeds)`` of a grid file's top level or one of its cells."""
+    return (
+        list(table.get("defenses", defaults["defenses"])),
+        list(table.get("attacks", [DEFAULTS["attack"]])),
+        [int(s) for s in table.get("seeds", [0])],
+    )
 
 
 def versions() -> dict[str, str]:

@@ -248,3 +248,28 @@ COMMITTED_GRIDS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
 def test_every_committed_grid_file_is_valid(path):
     spec = load_grid(path)
     assert spec.runs(), f"{path.name} defines no runs"
+
+
+def test_grid_cells_are_a_union_of_products_each_run_once(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text(
+        '[base]\ntask = "linear"\n'
+        '[[cells]]\ndefenses = ["fedavg", "invariant"]\nattacks = ["blackbox"]\nseeds = [0, 1]\n'
+        '[[cells]]\ndefenses = ["invariant", "robust-lr"]\nattacks = ["blackbox", "pgd"]\n'
+    )
+    names = [name for name, _ in load_grid(path).runs()]
+    assert names == [
+        "fedavg__blackbox__seed0",
+        "fedavg__blackbox__seed1",
+        "invariant__blackbox__seed0",
+        "invariant__blackbox__seed1",
+        "invariant__pgd__seed0",
+        "robust-lr__blackbox__seed0",
+        "robust-lr__pgd__seed0",
+    ]
+    path.write_text('[[cells]]\ndefenses = ["fedavg"]\nrounds = 3\n')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['rounds'\] in cell 1"):
+        load_grid(path)
+    path.write_text('[[cells]]\ndefenses = ["fedavg"]\nattacks = ["sneaky"]\n')
+    with pytest.raises(ValueError, match="'attack' must be one of"):
+        load_grid(path)
