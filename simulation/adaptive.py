@@ -103,15 +103,16 @@ def neurotoxin_hook(
     return after_step
 
 
-def expected_votes(benign: torch.Tensor, direction: torch.Tensor, num_benign: int) -> torch.Tensor:
+def expected_votes(
+    mean: torch.Tensor, std: torch.Tensor, direction: torch.Tensor, num_benign: int
+) -> torch.Tensor:
     """Expected net sign votes of ``num_benign`` benign clients along ``direction``, per coordinate.
 
-    ``benign``: ``(K, P)`` estimated benign updates; each benign client's value is
-    taken as normal with their mean and std, so it votes ``+1`` along ``direction``
-    with probability ``Phi(direction * mean / std)`` (``std = 0``: the sign of the mean).
+    ``mean``, ``std``: ``(P,)`` of the estimated benign updates; each benign client's
+    value is taken as normal with them, so it votes ``+1`` along ``direction`` with
+    probability ``Phi(direction * mean / std)`` (``std = 0``: the sign of the mean).
     Returns ``(P,)`` in ``[-num_benign, num_benign]``.
     """
-    mean, std = benign.mean(dim=0), benign.std(dim=0, unbiased=False)
     standardised = direction * mean / std.clamp_min(torch.finfo(std.dtype).tiny)
     return num_benign * (2 * torch.special.ndtr(standardised) - 1)
 
@@ -137,10 +138,10 @@ def mask_tipping_update(
     """
     mean, std = benign.mean(dim=0), benign.std(dim=0, unbiased=False)
     direction = torch.sign(backdoor)
-    votes = expected_votes(benign, direction, clients_per_round - colluders)
+    votes = expected_votes(mean, std, direction, clients_per_round - colluders)
     reach = direction * mean + z * std  # farthest a value may go toward the backdoor and look benign
     target = (direction != 0) & (votes + colluders >= min_votes(clients_per_round, tau)) & (reach > 0)
     floor = torch.clamp(direction * mean - z * std, min=0.0)
+    # On target coordinates |backdoor| > 0 and reach > 0, so the magnitude is never 0 (a vote).
     magnitude = torch.minimum(torch.maximum(backdoor.abs(), floor), reach)
-    magnitude = torch.where(magnitude > 0, magnitude, reach)  # a zero would cast no vote
     return torch.where(target, direction * magnitude, mean), target

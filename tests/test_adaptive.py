@@ -62,7 +62,7 @@ def test_mask_tipping_spends_its_votes_where_colluders_reach_the_threshold():
         ]
     )
     backdoor = torch.tensor([5.0, 5.0, 5.0, 5.0, 0.01])
-    votes = expected_votes(benign, torch.sign(backdoor), 16)
+    votes = expected_votes(benign.mean(dim=0), benign.std(dim=0, unbiased=False), torch.sign(backdoor), 16)
     # coordinates 0, 4: every benign client votes up (std 0 or tiny spread); 3: all vote down;
     # 1: mean 0.2, std 0.082 -> Phi(2.45) = 0.993 up; 2: the mirror image.
     assert votes[0] == 16 and votes[4] == 16 and votes[3] == -16
