@@ -16,7 +16,13 @@ from typing import Any
 from flwr.common.logger import log
 
 import flwr_invariant.serverapp
-from flwr_invariant.settings import DEFAULT_SERVER_LEARNING_RATE, DEFAULT_TAU, DEFAULT_TRIM_RATIO
+from flwr_invariant.mask_rules import MASK_RULES
+from flwr_invariant.settings import (
+    DEFAULT_MASK_RULE,
+    DEFAULT_SERVER_LEARNING_RATE,
+    DEFAULT_TAU,
+    DEFAULT_TRIM_RATIO,
+)
 
 from .flain import FLAIN
 from .flame import FLAME
@@ -54,8 +60,14 @@ def _invariant(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
         "tau": config.get("tau", DEFAULT_TAU),
         "trim_ratio": config.get("trim-ratio", DEFAULT_TRIM_RATIO),
         "server_learning_rate": config.get("server-learning-rate", DEFAULT_SERVER_LEARNING_RATE),
+        "mask_rule": config.get("mask-rule", DEFAULT_MASK_RULE),
     }
     return flwr_invariant.serverapp.InvariantAggregation, kwargs
+
+
+def _invariant_rule(rule: str) -> DefenseFactory:
+    """``invariant`` with ``mask-rule`` set to ``rule``."""
+    return lambda config: _invariant({**config, "mask-rule": rule})
 
 
 def _krum_trimmed_mean(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
@@ -101,6 +113,7 @@ DEFENSES: dict[str, DefenseFactory] = {
     "flame": lambda config: (FLAME, {"seed": int(config.get("seed", 0))}),
     "flain": lambda config: (FLAIN, {}),
     "robust-lr": _robust_lr,
+    **{f"invariant-{rule}": _invariant_rule(rule) for rule in MASK_RULES if rule != DEFAULT_MASK_RULE},
 }
 
 

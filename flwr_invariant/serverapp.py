@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 from .screened_replies import ScreenedReplies
 from .settings import (
     DEFAULT_BACKEND,
+    DEFAULT_MASK_RULE,
     DEFAULT_SERVER_LEARNING_RATE,
     DEFAULT_TAU,
     DEFAULT_TRIM_RATIO,
@@ -70,11 +71,14 @@ class InvariantAggregation(ScreenedReplies, FedAvg):
         server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE,
         backend: str = DEFAULT_BACKEND,
         num_threads: int | None = None,
+        mask_rule: str = DEFAULT_MASK_RULE,
         median_keys: tuple[str, ...] = ("running_mean", "running_var"),
         **fedavg_kwargs: Any,
     ) -> None:
         check_strategy_keywords(type(self).__name__, FedAvg, fedavg_kwargs)
-        self.invariant_config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
+        self.invariant_config = InvariantConfig(
+            tau, trim_ratio, server_learning_rate, backend, num_threads, mask_rule
+        )
         self.median_keys = tuple(median_keys)
         super().__init__(**fedavg_kwargs)
 

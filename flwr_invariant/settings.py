@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from .aggregate import min_votes, trim_count
+from .aggregate import median_of, min_votes, trim_count, trimmed_mean
 from .engines import BACKENDS, Engine, select_engine
+from .mask_rules import MASK_RULES, MaskRule
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
+    "DEFAULT_MASK_RULE",
     "DEFAULT_SERVER_LEARNING_RATE",
     "DEFAULT_TAU",
     "DEFAULT_TRIM_RATIO",
@@ -35,6 +37,7 @@ DEFAULT_TAU = 0.6  # the paper's and its released code's
 DEFAULT_TRIM_RATIO = 0.45  # with 20 clients, the middle 2 values, as the released code
 DEFAULT_SERVER_LEARNING_RATE = 1.0
 DEFAULT_BACKEND = "numpy"
+DEFAULT_MASK_RULE = "paper"
 
 #: parameter -> (test of a valid value, what a valid value is)
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -63,6 +66,7 @@ class InvariantConfig:
     server_learning_rate: step along the aggregated pseudo-gradient, > 0.
     backend: engine (:mod:`flwr_invariant.engines`): "numpy", "torch", "auto" or "reference".
     num_threads: threads of the numpy engine (default: CPU count, at most 8).
+    mask_rule: how the AND-mask counts votes (:mod:`flwr_invariant.mask_rules`); "paper" is Algorithm 1.
     """
 
     tau: float = DEFAULT_TAU
@@ -70,6 +74,8 @@ class InvariantConfig:
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE
     backend: str = DEFAULT_BACKEND
     num_threads: int | None = None
+    mask_rule: str = DEFAULT_MASK_RULE
+    _rule: list[MaskRule] = field(default_factory=list, init=False, repr=False, compare=False)
     _warned: list[bool] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,11 +85,17 @@ class InvariantConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads!r}")
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {', '.join(MASK_RULES)}; got {self.mask_rule!r}")
+        if self.mask_rule != DEFAULT_MASK_RULE:
+            self._rule.append(MaskRule(self.mask_rule, self.tau))
 
     def __str__(self) -> str:
         """``tau=..., trim_ratio=..., server_learning_rate=...`` (for a strategy's ``__repr__``)."""
+        rule = f", mask_rule={self.mask_rule!r}" if self.mask_rule != DEFAULT_MASK_RULE else ""
         return (
             f"tau={self.tau}, trim_ratio={self.trim_ratio}, server_learning_rate={self.server_learning_rate}"
+            + rule
         )
 
     def engine(self) -> Engine:
@@ -101,6 +113,8 @@ class InvariantConfig:
         ``median_layers``: indices of floating layers aggregated by coordinate-wise median.
         """
         self._warn_if_unanimous(len(updates))
+        if self._rule:
+            return self._aggregate_by_rule(global_weights, updates, median_layers)
         weights, mask_fraction = self.engine()(
             global_weights,
             updates,
@@ -112,6 +126,37 @@ class InvariantConfig:
         return weights, {
             "mask_fraction": mask_fraction,
             "trim_count": trim_count(len(updates), self.trim_ratio),
+        }
+
+    def _aggregate_by_rule(
+        self,
+        global_weights: Sequence[np.ndarray],
+        updates: Sequence[Sequence[np.ndarray]],
+        median_layers: Collection[int],
+    ) -> tuple[list[np.ndarray], dict[str, float | int]]:
+        """A non-paper ``mask_rule``'s step: its scales times the trimmed mean (reference code)."""
+        masked = [i for i, w in enumerate(global_weights) if w.dtype.kind == "f" and i not in median_layers]
+        stacks = {
+            i: np.stack(
+                [global_weights[i] - np.asarray(u[i], dtype=global_weights[i].dtype) for u in updates]
+            )
+            for i in masked
+        }
+        scales, rule_metrics = self._rule[0].scales([stacks[i] for i in masked])
+        scale_of = dict(zip(masked, scales, strict=True))
+        weights = []
+        for i, w in enumerate(global_weights):
+            if i not in stacks:
+                weights.append(median_of([u[i] for u in updates], w.dtype))
+                continue
+            step = trimmed_mean(stacks[i], self.trim_ratio).astype(np.float64) * scale_of[i]
+            weights.append((w - self.server_learning_rate * step).astype(w.dtype))
+        kept = sum(int((s > 0).sum()) for s in scales)
+        total = sum(s.size for s in scales)
+        return weights, {
+            "mask_fraction": kept / total if total else 1.0,
+            "trim_count": trim_count(len(updates), self.trim_ratio),
+            **rule_metrics,
         }
 
     def _warn_if_unanimous(self, num_clients: int) -> None:

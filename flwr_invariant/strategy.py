@@ -16,6 +16,7 @@ from .rounds import finish_round, screen_round
 from .screening import decode_candidate, decode_npy
 from .settings import (
     DEFAULT_BACKEND,
+    DEFAULT_MASK_RULE,
     DEFAULT_SERVER_LEARNING_RATE,
     DEFAULT_TAU,
     DEFAULT_TRIM_RATIO,
@@ -87,13 +88,16 @@ class InvariantAggregation(FedAvg):
         server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE,
         backend: str = DEFAULT_BACKEND,
         num_threads: int | None = None,
+        mask_rule: str = DEFAULT_MASK_RULE,
         array_names: Sequence[str] | None = None,
         median_keys: tuple[str, ...] = ("running_mean", "running_var"),
         median_indices: Sequence[int] = (),
         **fedavg_kwargs: Any,
     ) -> None:
         check_strategy_keywords(type(self).__name__, FedAvg, fedavg_kwargs)
-        self.invariant_config = InvariantConfig(tau, trim_ratio, server_learning_rate, backend, num_threads)
+        self.invariant_config = InvariantConfig(
+            tau, trim_ratio, server_learning_rate, backend, num_threads, mask_rule
+        )
         self.array_names = None if array_names is None else list(array_names)
         self.median_keys = tuple(median_keys)
         self.median_indices = frozenset(median_indices) | {

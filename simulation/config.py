@@ -19,7 +19,9 @@ from typing import Any
 from flwr.common.logger import log
 
 from baselines import defense_names
+from flwr_invariant.mask_rules import MASK_RULES
 from flwr_invariant.settings import (
+    DEFAULT_MASK_RULE,
     DEFAULT_SERVER_LEARNING_RATE,
     DEFAULT_TAU,
     DEFAULT_TRIM_RATIO,
@@ -64,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "tau": DEFAULT_TAU,
     "trim-ratio": DEFAULT_TRIM_RATIO,
     "server-learning-rate": DEFAULT_SERVER_LEARNING_RATE,
+    "mask-rule": DEFAULT_MASK_RULE,  # how the AND-mask counts votes (flwr_invariant.mask_rules)
     "flain-aux-size": 500,  # FLAIN: clean training examples the server holds
     "assumed-malicious": -1,  # f assumed by Krum & co.; -1 = round(malicious-fraction * clients-per-round)
     # population and data
@@ -130,6 +133,7 @@ _CHOICES = {
     "attack": ATTACKS,
     "backdoor": BACKDOORS,
     "attack-schedule": SCHEDULES,
+    "mask-rule": MASK_RULES,
 }
 _POSITIVE_INT = (
     "num-server-rounds",

@@ -1,0 +1,140 @@
+"""Rules for the AND-mask's decision: which coordinates a round's step may move, and how far.
+
+The paper's rule (``"paper"``) keeps a coordinate when ``|sum_i sign(g_i)| >= tau * N``.
+A persistent attacker minority defeats it over tens of rounds: where benign clients
+lean one way below ``tau``, the attackers' votes lift the coordinate over the
+threshold and the benign values there carry the backdoor (docs/results/attribution).
+The other rules change how votes count; each returns, per layer, a step scale in
+``[0, 1]`` that multiplies the trimmed mean (the paper's is the 0/1 mask):
+
+- ``"soft-margin"``: scale ``(c - tau) / (1 - tau)`` where ``c >= tau`` (``c`` the sign
+  consistency), so a coordinate a few votes lift over ``tau`` moves little;
+- ``"collusion"``: votes of clients whose sign vectors agree unusually often are
+  shared: client i's vote weighs ``1 / (1 + k_i)``, ``k_i`` the number of others whose
+  sign agreement with i is an outlier among the round's pairs (above the median by
+  more than ``COLLUSION_SPREAD`` robust standard deviations). Colluders that vote as
+  a bloc count about as one client;
+- ``"memory"``: votes counted across rounds: the signed vote sums decay by
+  ``MEMORY_DECAY`` per round and the mask needs ``|memory| >= tau * (decayed count)``
+  as well as this round's paper mask, so a coordinate must lean the same way for
+  several rounds.
+
+No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .aggregate import and_mask
+
+__all__ = [
+    "COLLUSION_SPREAD",
+    "MASK_RULES",
+    "MEMORY_DECAY",
+    "MaskRule",
+    "collusion_weights",
+    "make_mask_rule",
+    "sign_agreement",
+    "weighted_consistency",
+]
+
+MASK_RULES = ("paper", "soft-margin", "collusion", "memory")
+COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agreement
+MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
+
+
+def sign_agreement(signs: np.ndarray) -> np.ndarray:
+    """``(N, N)`` mean over coordinates of ``s_i * s_j`` for ``signs`` ``(N, P)`` in {-1, 0, 1}."""
+    signs = np.asarray(signs, dtype=np.float32)
+    return (signs @ signs.T).astype(np.float64) / max(signs.shape[1], 1)
+
+
+def collusion_weights(agreement: np.ndarray, spread: float = COLLUSION_SPREAD) -> np.ndarray:
+    """``(N,)`` vote weights ``1 / (1 + k_i)`` from an ``(N, N)`` agreement matrix.
+
+    ``k_i``: clients j != i with ``agreement[i, j] > median + spread * 1.4826 * MAD`` of the
+    off-diagonal entries. All weights are 1 when no pair stands out.
+    """
+    num_clients = agreement.shape[0]
+    if num_clients < 3:
+        return np.ones(num_clients)
+    pairs = agreement[np.triu_indices(num_clients, 1)]
+    centre = np.median(pairs)
+    scale = 1.4826 * np.median(np.abs(pairs - centre))
+    outlying = agreement > centre + spread * scale
+    np.fill_diagonal(outlying, False)
+    return 1.0 / (1.0 + outlying.sum(axis=1))
+
+
+def weighted_consistency(stacked: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``|sum_i w_i sign(x_i)| / sum_i w_i`` per coordinate, float64 of ``stacked.shape[1:]``."""
+    signs = np.sign(np.asarray(stacked)).astype(np.float64)
+    return np.abs(np.tensordot(weights, signs, axes=1)) / weights.sum()
+
+
+class MaskRule:
+    """Step scales of one rule; ``scales`` is called once per round with every masked layer.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`MASK_RULES`.
+    tau : float
+        Sign-consistency threshold in ``[0, 1]``.
+    """
+
+    def __init__(self, name: str, tau: float) -> None:
+        if name not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {', '.join(MASK_RULES)}; got {name!r}")
+        self.name, self.tau = name, tau
+        self._memory: list[np.ndarray] | None = None
+        self._memory_count = 0.0
+
+    def scales(self, layers: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Per layer, the step scale (float64, ``layer_shape``) of the stacked pseudo-gradients.
+
+        ``layers``: each ``(N, *layer_shape)``, the same N clients. Also returns metrics
+        (``min_vote_weight`` for ``"collusion"``).
+        """
+        if self.name == "paper":
+            return [and_mask(layer, self.tau).astype(np.float64) for layer in layers], {}
+        if self.name == "soft-margin":
+            ramp = 1.0 - self.tau if self.tau < 1.0 else 1.0
+            result = []
+            for layer in layers:
+                consistency = weighted_consistency(layer, np.ones(layer.shape[0]))
+                scale = np.clip((consistency - self.tau) / ramp, 0.0, 1.0)
+                result.append(np.where(and_mask(layer, self.tau), scale, 0.0))
+            return result, {}
+        if self.name == "collusion":
+            signs = np.concatenate([np.sign(layer.reshape(layer.shape[0], -1)) for layer in layers], axis=1)
+            weights = collusion_weights(sign_agreement(signs))
+            scales = [
+                (weighted_consistency(layer, weights) >= self.tau).astype(np.float64) for layer in layers
+            ]
+            return scales, {"min_vote_weight": float(weights.min())}
+        return self._memory_scales(layers), {}
+
+    def _memory_scales(self, layers: Sequence[np.ndarray]) -> list[np.ndarray]:
+        sums = [np.sign(layer).sum(axis=0, dtype=np.float64) for layer in layers]
+        count = float(layers[0].shape[0])
+        if self._memory is None or [m.shape for m in self._memory] != [s.shape for s in sums]:
+            self._memory, self._memory_count = [np.zeros_like(s) for s in sums], 0.0
+        self._memory = [MEMORY_DECAY * m + s for m, s in zip(self._memory, sums, strict=True)]
+        self._memory_count = MEMORY_DECAY * self._memory_count + count
+        return [
+            (
+                and_mask(layer, self.tau)
+                & (np.abs(m) >= self.tau * self._memory_count)
+                & (np.sign(m) == np.sign(s))
+            ).astype(np.float64)
+            for layer, m, s in zip(layers, self._memory, sums, strict=True)
+        ]
+
+
+def make_mask_rule(name: str, tau: float) -> MaskRule:
+    """A :class:`MaskRule`; ``ValueError`` naming the allowed rules for an unknown ``name``."""
+    return MaskRule(name, tau)
