@@ -1,9 +1,10 @@
-"""``python -m simulation`` (also ``flwr-invariant-sim``): run, grid, report, compare.
+"""``python -m simulation`` (also ``flwr-invariant-sim``): run, grid, report, frontier, compare.
 
     python -m simulation run --set task=linear defense=invariant --out runs/one
     python -m simulation run --from runs/one/config.json          # repeat a run
     python -m simulation grid configs/fmnist_defenses.toml
     python -m simulation report results/fmnist
+    python -m simulation frontier results/long_horizon_fmnist results/screen --out results/frontier
     python -m simulation compare --task linear --rounds 30 --seeds 0 1 2
 
 Resource flags (run, grid): --cpus-per-client, --gpus-per-client (a share of
@@ -102,6 +103,14 @@ def _report(args: argparse.Namespace) -> None:
         print(f"skipped {len(files.skipped)} run(s): {', '.join(files.skipped)}", file=sys.stderr)
 
 
+def _frontier(args: argparse.Namespace) -> None:
+    from .frontier import write_frontier
+
+    written = write_frontier([Path(d) for d in args.results], Path(args.out))
+    print(f"wrote {', '.join(map(str, written))}")
+    print(written[0].read_text())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__.splitlines()[0])
@@ -125,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     report_parser.add_argument("results")
     report_parser.add_argument("--out", help="where to write (default: the results directory)")
 
+    frontier_parser = commands.add_parser(
+        "frontier", help="final acc_main vs highest acc_backdoor of any round, from results directories"
+    )
+    frontier_parser.add_argument("results", nargs="+")
+    frontier_parser.add_argument("--out", required=True, help="directory for frontier.md and the plots")
+
     commands.add_parser(
         "compare", help="FedAvg vs InvariantAggregation table (see simulation.compare)", add_help=False
     )
@@ -138,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        {"run": _run, "grid": _grid, "report": _report}[args.command](args)
+        {"run": _run, "grid": _grid, "report": _report, "frontier": _frontier}[args.command](args)
     except (ValueError, PermissionError, FileNotFoundError, RuntimeError) as error:
         raise SystemExit(f"error: {error}") from None
 
