@@ -134,7 +134,7 @@ def _plot(path: Path, task: str, rounds: int, points: Sequence[FrontierPoint]) -
 
 
 def write_frontier(results_dirs: Sequence[Path], out_dir: Path, *, plots: bool = True) -> list[Path]:
-    """Write ``frontier.md`` and (``plots``) ``frontier__<task>__<rounds>.png`` to ``out_dir``; returns the paths."""
+    """Write ``frontier.md`` and (``plots``) ``frontier__<task>__<rounds>.png``; returns the paths."""
     runs = [run for d in results_dirs for run in load_runs(Path(d))[0]]
     points = frontier_points(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
