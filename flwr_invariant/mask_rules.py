@@ -7,13 +7,14 @@ threshold and the benign values there carry the backdoor (docs/results/attributi
 The other rules change how votes count; each returns, per layer, a step scale in
 ``[0, 1]`` that multiplies the trimmed mean (the paper's is the 0/1 mask):
 
-- ``"soft-margin"``: scale ``(c - tau) / (1 - tau)`` where ``c >= tau`` (``c`` the sign
-  consistency), so a coordinate a few votes lift over ``tau`` moves little;
+- ``"soft-margin"``: where the net vote ``v`` reaches ``k = min_votes(N, tau)``, scale
+  ``(v - k + 1) / (N - k + 1)`` (1 when unanimous), so a coordinate a few votes lift over
+  ``tau`` moves little;
 - ``"collusion"``: votes of clients whose sign vectors agree unusually often are
   shared: client i's vote weighs ``1 / (1 + k_i)``, ``k_i`` the number of others whose
   sign agreement with i is an outlier among the round's pairs (above the median by
-  more than ``COLLUSION_SPREAD`` robust standard deviations). Colluders that vote as
-  a bloc count about as one client;
+  more than ``COLLUSION_SPREAD`` robust standard deviations; :func:`collusion_weights`).
+  Colluders that vote as a bloc count about as one client;
 - ``"memory"``: votes counted across rounds: the signed vote sums decay by
   ``MEMORY_DECAY`` per round and the mask needs ``|memory| >= tau * (decayed count)``
   as well as this round's paper mask, so a coordinate must lean the same way for
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .aggregate import and_mask
+from .aggregate import and_mask, min_votes, sign_votes
 
 __all__ = [
     "COLLUSION_SPREAD",
@@ -52,18 +53,22 @@ def sign_agreement(signs: np.ndarray) -> np.ndarray:
     return (signs @ signs.T).astype(np.float64) / max(signs.shape[1], 1)
 
 
-def collusion_weights(agreement: np.ndarray, spread: float = COLLUSION_SPREAD) -> np.ndarray:
-    """``(N,)`` vote weights ``1 / (1 + k_i)`` from an ``(N, N)`` agreement matrix.
+def collusion_weights(
+    agreement: np.ndarray, num_coordinates: int, spread: float = COLLUSION_SPREAD
+) -> np.ndarray:
+    """``(N,)`` vote weights ``1 / (1 + k_i)`` from an ``(N, N)`` agreement matrix over ``num_coordinates``.
 
-    ``k_i``: clients j != i with ``agreement[i, j] > median + spread * 1.4826 * MAD`` of the
-    off-diagonal entries. All weights are 1 when no pair stands out.
+    ``k_i``: clients j != i whose agreement with i exceeds the median pair by more than
+    ``spread`` times the larger of the pairs' robust standard deviation (1.4826 MAD) and
+    ``1 / sqrt(num_coordinates)``, the chance spread of independent sign vectors (so a few
+    coordinates never single out a pair). All weights are 1 when no pair stands out.
     """
     num_clients = agreement.shape[0]
     if num_clients < 3:
         return np.ones(num_clients)
     pairs = agreement[np.triu_indices(num_clients, 1)]
     centre = np.median(pairs)
-    scale = 1.4826 * np.median(np.abs(pairs - centre))
+    scale = max(1.4826 * np.median(np.abs(pairs - centre)), 1.0 / np.sqrt(max(num_coordinates, 1)))
     outlying = agreement > centre + spread * scale
     np.fill_diagonal(outlying, False)
     return 1.0 / (1.0 + outlying.sum(axis=1))
@@ -102,16 +107,16 @@ class MaskRule:
         if self.name == "paper":
             return [and_mask(layer, self.tau).astype(np.float64) for layer in layers], {}
         if self.name == "soft-margin":
-            ramp = 1.0 - self.tau if self.tau < 1.0 else 1.0
             result = []
             for layer in layers:
-                consistency = weighted_consistency(layer, np.ones(layer.shape[0]))
-                scale = np.clip((consistency - self.tau) / ramp, 0.0, 1.0)
-                result.append(np.where(and_mask(layer, self.tau), scale, 0.0))
+                num_clients = layer.shape[0]
+                needed = min_votes(num_clients, self.tau)
+                margin = sign_votes(layer) - (needed - 1)  # 1 at the threshold, N - k + 1 when unanimous
+                result.append(np.clip(margin / (num_clients - needed + 1), 0.0, 1.0))
             return result, {}
         if self.name == "collusion":
             signs = np.concatenate([np.sign(layer.reshape(layer.shape[0], -1)) for layer in layers], axis=1)
-            weights = collusion_weights(sign_agreement(signs))
+            weights = collusion_weights(sign_agreement(signs), signs.shape[1])
             scales = [
                 (weighted_consistency(layer, weights) >= self.tau).astype(np.float64) for layer in layers
             ]

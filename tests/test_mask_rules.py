@@ -1,0 +1,135 @@
+"""The AND-mask's vote rules (flwr_invariant.mask_rules) on hand-checked inputs, and their plumbing."""
+
+import numpy as np
+import pytest
+
+import flwr_invariant.serverapp
+import flwr_invariant.strategy
+from flwr_invariant.aggregate import invariant_update
+from flwr_invariant.mask_rules import (
+    MASK_RULES,
+    MaskRule,
+    collusion_weights,
+    sign_agreement,
+    weighted_consistency,
+)
+from flwr_invariant.settings import InvariantConfig
+from simulation.config import resolve_config
+from tests.test_core import FAILURE_MODES
+
+
+def test_sign_agreement_by_hand() -> None:
+    signs = np.array([[1, 1, -1, 0], [1, -1, -1, 0], [-1, -1, 1, 1]])
+    expected = np.array([[3, 1, -3], [1, 3, -1], [-3, -1, 4]]) / 4
+    np.testing.assert_array_equal(sign_agreement(signs), expected)
+
+
+def test_collusion_weights_share_a_blocs_vote() -> None:
+    # 7 clients: pair agreements 0 except the bloc {4, 5, 6} (0.9 among themselves) and (0, 1) at 0.1.
+    agreement = np.zeros((7, 7))
+    agreement[0, 1] = agreement[1, 0] = 0.1
+    for i in (4, 5, 6):
+        for j in (4, 5, 6):
+            agreement[i, j] = 0.9
+    np.fill_diagonal(agreement, 1.0)
+    # 21 pairs: 17 at 0, one at 0.1, three at 0.9 -> median 0, MAD 0: any pair above 0 stands out.
+    np.testing.assert_array_equal(
+        collusion_weights(agreement, 10**6), [1 / 2, 1 / 2, 1, 1, 1 / 3, 1 / 3, 1 / 3]
+    )
+    # Over 100 coordinates chance alone spreads agreements by 0.1: 0.1 does not stand out, 0.9 does.
+    np.testing.assert_array_equal(collusion_weights(agreement, 100), [1, 1, 1, 1, 1 / 3, 1 / 3, 1 / 3])
+    # Over 4 coordinates nothing can stand out.
+    assert collusion_weights(agreement, 4).tolist() == [1.0] * 7
+    # With a spread of 0.2 around 0.1 only the bloc stands out.
+    rng = np.random.default_rng(0)
+    noisy = agreement + np.triu(rng.uniform(-0.2, 0.2, (7, 7)), 1)
+    noisy = np.triu(noisy, 1) + np.triu(noisy, 1).T + np.eye(7)
+    noisy[4, 5] = noisy[5, 4] = noisy[4, 6] = noisy[6, 4] = noisy[5, 6] = noisy[6, 5] = 0.9
+    np.testing.assert_array_equal(collusion_weights(noisy, 10**6), [1, 1, 1, 1, 1 / 3, 1 / 3, 1 / 3])
+    assert collusion_weights(np.eye(2), 10**6).tolist() == [1.0, 1.0]  # no pairs to compare
+
+
+def test_weighted_consistency_by_hand() -> None:
+    stacked = np.array([[1.0, -2.0], [3.0, 0.0], [-1.0, -1.0]])
+    np.testing.assert_allclose(weighted_consistency(stacked, np.ones(3)), [1 / 3, 2 / 3])
+    np.testing.assert_allclose(weighted_consistency(stacked, np.array([1.0, 0.5, 0.5])), [1 / 2, 3 / 4])
+
+
+def tipped_round(rng: np.random.Generator, num_coordinates: int = 2000) -> np.ndarray:
+    """16 benign clients leaning + on every coordinate below tau = 0.6, and 4 colluders voting + as a bloc.
+
+    Benign values: +1 with probability 0.75 (expected consistency 0.5), else -1, times noise.
+    The colluders send the same +0.5 everywhere: net vote 8 + 4 = 12 = 0.6 * 20 on average.
+    """
+    benign = np.where(rng.random((16, num_coordinates)) < 0.75, 1.0, -1.0) * rng.uniform(0.5, 1.5, (16, 1))
+    bloc = np.full((4, num_coordinates), 0.5)
+    return np.concatenate([benign, bloc]).astype(np.float32)
+
+
+def test_a_bloc_tips_the_papers_mask_but_not_the_collusion_rule() -> None:
+    stacked = tipped_round(np.random.default_rng(1))
+    paper, _ = MaskRule("paper", 0.6).scales([stacked])
+    collusion, metrics = MaskRule("collusion", 0.6).scales([stacked])
+    benign_only, _ = MaskRule("paper", 0.6).scales([stacked[:16]])
+    assert paper[0].mean() > benign_only[0].mean() + 0.15  # the bloc lifts coordinates over tau
+    assert collusion[0].mean() <= benign_only[0].mean()  # ... but not under the collusion rule
+    weights = collusion_weights(sign_agreement(np.sign(stacked)), stacked.shape[1])
+    assert weights[16:].sum() <= weights[:16].min()  # the four colluders weigh no more than one client
+    assert metrics["min_vote_weight"] == weights.min()
+
+
+def test_soft_margin_scales_by_the_margin_above_tau() -> None:
+    # 5 clients, tau 0.6: k = 3 votes; net votes per coordinate 5, 4 (one abstains), 3, 1
+    stacked = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, -1], [1, 0, -1, -1]], dtype=float)
+    scales, _ = MaskRule("soft-margin", 0.6).scales([stacked])
+    np.testing.assert_allclose(scales[0], [1.0, 2 / 3, 1 / 3, 0.0])
+
+
+def test_memory_needs_the_lean_to_last_across_rounds() -> None:
+    rule = MaskRule("memory", 0.6)
+    up = np.ones((5, 2))
+    flip = np.array([[1.0, -1.0]] * 5)
+    first, _ = rule.scales([up])
+    assert first[0].tolist() == [1.0, 1.0]
+    # Round 2 reverses coordinate 1: its own round passes it (|-5| / 5), the memory (2.5 - 5) does not.
+    second, _ = rule.scales([flip])
+    assert second[0].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("rule", MASK_RULES)
+def test_every_rule_gets_the_papers_failure_modes_right(rule: str) -> None:
+    config = InvariantConfig(tau=0.6, trim_ratio=0.2, mask_rule=rule)
+    zeros = [np.zeros(2, dtype=np.float32)]
+    new, _ = config.aggregate(zeros, [[-row] for row in FAILURE_MODES])  # w_i = w - g_i
+    step = zeros[0] - new[0]
+    assert np.sign(step[0]) == 1.0  # the benign consensus survives the outliers
+    assert step[1] == 0.0  # no benign consensus: masked
+
+
+def test_paper_rule_is_the_reference_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    global_weights = [rng.standard_normal((6, 5)).astype(np.float32), np.arange(4)]
+    clients = [[w + rng.standard_normal(w.shape).astype(w.dtype) for w in global_weights] for _ in range(20)]
+    new, metrics = InvariantConfig(mask_rule="paper").aggregate(global_weights, clients)
+    expected, fraction = invariant_update(global_weights, clients, tau=0.6, trim_ratio=0.45)
+    for a, b in zip(new, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert metrics["mask_fraction"] == fraction
+
+
+@pytest.mark.parametrize(
+    "cls", [flwr_invariant.serverapp.InvariantAggregation, flwr_invariant.strategy.InvariantAggregation]
+)
+def test_strategies_take_and_validate_mask_rule(cls) -> None:
+    with pytest.raises(
+        ValueError, match="mask_rule must be one of paper, soft-margin, collusion, memory; got 'x'"
+    ):
+        cls(mask_rule="x")
+    assert "mask_rule='collusion'" in repr(cls(mask_rule="collusion"))
+    assert "mask_rule" not in repr(cls())
+
+
+def test_run_config_validates_mask_rule() -> None:
+    with pytest.raises(ValueError, match="mask-rule"):
+        resolve_config({"mask-rule": "strict"})
+    assert resolve_config({"mask-rule": "collusion"})["mask-rule"] == "collusion"
