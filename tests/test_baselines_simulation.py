@@ -41,6 +41,7 @@ def test_every_defense_runs_two_rounds_by_name():
         assert all(math.isfinite(r["acc_main"]) and math.isfinite(r["loss"]) for r in rounds), name
         assert record["config"]["defense"] == name
         assert rounds[1]["train_num_aggregated"] == 8, name
+    assert 0.0 < records["invariant-collusion"]["rounds"][1]["train_min_vote_weight"] <= 1.0
     assert 0.0 <= records["robust-lr"]["rounds"][1]["train_robust_lr_flipped_fraction"] <= 1.0
     flain_final = records["flain"]["rounds"][-1]
     assert "flain_flipped" in flain_final and "before_repair_acc_main" in flain_final
