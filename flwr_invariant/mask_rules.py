@@ -47,10 +47,21 @@ COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agree
 MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
 
 
-def sign_agreement(signs: np.ndarray) -> np.ndarray:
-    """``(N, N)`` mean over coordinates of ``s_i * s_j`` for ``signs`` ``(N, P)`` in {-1, 0, 1}."""
-    signs = np.asarray(signs, dtype=np.float32)
-    return (signs @ signs.T).astype(np.float64) / max(signs.shape[1], 1)
+def sign_agreement(layers: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+    """``(N, N)`` mean of ``sign(x_i) * sign(x_j)`` over every coordinate of ``layers``, and their count.
+
+    ``layers``: each ``(N, *layer_shape)``. Sums layer by layer (float32 products of whole
+    numbers below 2**24 are exact), so memory stays at one layer's signs.
+    """
+    num_clients = layers[0].shape[0]
+    total, count = np.zeros((num_clients, num_clients)), 0
+    for layer in layers:
+        signs = np.sign(np.asarray(layer).reshape(num_clients, -1)).astype(np.float32)
+        for start in range(0, signs.shape[1], 1 << 22):  # keeps each partial sum exact in float32
+            part = signs[:, start : start + (1 << 22)]
+            total += part @ part.T
+        count += signs.shape[1]
+    return total / max(count, 1), count
 
 
 def collusion_weights(
@@ -115,8 +126,7 @@ class MaskRule:
                 result.append(np.clip(margin / (num_clients - needed + 1), 0.0, 1.0))
             return result, {}
         if self.name == "collusion":
-            signs = np.concatenate([np.sign(layer.reshape(layer.shape[0], -1)) for layer in layers], axis=1)
-            weights = collusion_weights(sign_agreement(signs), signs.shape[1])
+            weights = collusion_weights(*sign_agreement(layers))
             scales = [
                 (weighted_consistency(layer, weights) >= self.tau).astype(np.float64) for layer in layers
             ]

@@ -21,7 +21,9 @@ from tests.test_core import FAILURE_MODES
 def test_sign_agreement_by_hand() -> None:
     signs = np.array([[1, 1, -1, 0], [1, -1, -1, 0], [-1, -1, 1, 1]])
     expected = np.array([[3, 1, -3], [1, 3, -1], [-3, -1, 4]]) / 4
-    np.testing.assert_array_equal(sign_agreement(signs), expected)
+    agreement, count = sign_agreement([signs[:, :1] * 0.5, signs[:, 1:].reshape(3, 3, 1) * 7.0])
+    np.testing.assert_array_equal(agreement, expected)
+    assert count == 4
 
 
 def test_collusion_weights_share_a_blocs_vote() -> None:
@@ -73,7 +75,7 @@ def test_a_bloc_tips_the_papers_mask_but_not_the_collusion_rule() -> None:
     benign_only, _ = MaskRule("paper", 0.6).scales([stacked[:16]])
     assert paper[0].mean() > benign_only[0].mean() + 0.15  # the bloc lifts coordinates over tau
     assert collusion[0].mean() <= benign_only[0].mean()  # ... but not under the collusion rule
-    weights = collusion_weights(sign_agreement(np.sign(stacked)), stacked.shape[1])
+    weights = collusion_weights(*sign_agreement([stacked]))
     assert weights[16:].sum() <= weights[:16].min()  # the four colluders weigh no more than one client
     assert metrics["min_vote_weight"] == weights.min()
 
