@@ -59,8 +59,10 @@ def test_registry_names_every_defense_of_the_issue():
     assert set(baselines.defense_names()) == {
         "fedavg", "invariant", "krum", "multi-krum", "multi-krum-cosine", "trimmed-mean", "median",
         "krum-trimmed-mean", "sign-sgd", "weak-dp", "foolsgold", "rfa", "sparsefed", "flame", "flain",
-        "robust-lr",
+        "robust-lr", "invariant-collusion", "invariant-soft-margin", "invariant-memory",
     }  # fmt: skip
+    _, collusion = baselines.DEFENSES["invariant-collusion"]({"tau": 0.7})
+    assert collusion["mask_rule"] == "collusion" and collusion["tau"] == 0.7
     assert baselines.assumed_malicious({"malicious-fraction": 0.2, "clients-per-round": 20}) == 4
     assert baselines.assumed_malicious({"assumed-malicious": 1, "clients-per-round": 20}) == 1
     _, bulyan = baselines.DEFENSES["krum-trimmed-mean"]({"malicious-fraction": 0.2, "clients-per-round": 10})
