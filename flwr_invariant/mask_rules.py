@@ -37,7 +37,6 @@ __all__ = [
     "MEMORY_DECAY",
     "MaskRule",
     "collusion_weights",
-    "make_mask_rule",
     "sign_agreement",
     "weighted_consistency",
 ]
@@ -140,16 +139,12 @@ class MaskRule:
             self._memory, self._memory_count = [np.zeros_like(s) for s in sums], 0.0
         self._memory = [MEMORY_DECAY * m + s for m, s in zip(self._memory, sums, strict=True)]
         self._memory_count = MEMORY_DECAY * self._memory_count + count
+        needed = min_votes(layers[0].shape[0], self.tau)  # this round's paper mask: |sum| >= needed
         return [
             (
-                and_mask(layer, self.tau)
+                (np.abs(s) >= needed)
                 & (np.abs(m) >= self.tau * self._memory_count)
                 & (np.sign(m) == np.sign(s))
             ).astype(np.float64)
-            for layer, m, s in zip(layers, self._memory, sums, strict=True)
+            for m, s in zip(self._memory, sums, strict=True)
         ]
-
-
-def make_mask_rule(name: str, tau: float) -> MaskRule:
-    """A :class:`MaskRule`; ``ValueError`` naming the allowed rules for an unknown ``name``."""
-    return MaskRule(name, tau)

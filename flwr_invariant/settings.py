@@ -17,7 +17,7 @@ import numpy as np
 
 from .aggregate import median_of, min_votes, trim_count, trimmed_mean
 from .engines import BACKENDS, Engine, select_engine
-from .mask_rules import MASK_RULES, MaskRule
+from .mask_rules import MaskRule
 
 __all__ = [
     "BACKENDS",
@@ -85,10 +85,9 @@ class InvariantConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads!r}")
-        if self.mask_rule not in MASK_RULES:
-            raise ValueError(f"mask_rule must be one of {', '.join(MASK_RULES)}; got {self.mask_rule!r}")
+        rule = MaskRule(self.mask_rule, self.tau)  # ValueError naming the allowed rules
         if self.mask_rule != DEFAULT_MASK_RULE:
-            self._rule.append(MaskRule(self.mask_rule, self.tau))
+            self._rule.append(rule)
 
     def __str__(self) -> str:
         """``tau=..., trim_ratio=..., server_learning_rate=...`` (for a strategy's ``__repr__``)."""

@@ -31,7 +31,7 @@ class FrontierPoint:
     """One ``(task, defense label, attack, rounds)`` cell over its seeds."""
 
     task: str
-    label: str  # defense, with ``tau=...`` when not the paper's
+    label: str  # defense, with ``tau=...`` when an Invariant defense runs another tau than the paper's
     attack: str
     seeds: int
     rounds: int
@@ -47,7 +47,8 @@ class FrontierPoint:
 def _label(run: RunResult) -> str:
     tau = run.config.get("tau", DEFAULT_TAU)
     defense = str(run.config["defense"])
-    return defense if defense in ("fedavg", "robust-lr") or tau == DEFAULT_TAU else f"{defense} tau={tau}"
+    uses_tau = defense.startswith("invariant")  # the defenses built on InvariantAggregation
+    return f"{defense} tau={tau}" if uses_tau and tau != DEFAULT_TAU else defense
 
 
 def _backdoor(run: RunResult) -> list[tuple[int, float]]:
