@@ -1,14 +1,21 @@
-"""Round checkpoints (simulation/checkpoint.py) and resumption.
+"""Round checkpoints (simulation/checkpoint.py) and resumption (the ServerApp's round loop, the grid).
 
 * the file format: round trip, atomic replacement, refusal of truncated, altered, foreign and
   mismatched checkpoints by file name;
-* every defense continues from a checkpoint exactly as without one, with new node ids.
+* every defense continues from a checkpoint exactly as without one, with new node ids;
+* a real ``python -m simulation grid`` SIGKILLed mid-run resumes and ends with the per-round
+  metrics of an uninterrupted run of the same seed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 import simulation.checkpoint as checkpoint_module
 from baselines import DEFENSES
+from simulation.__main__ import main as cli
 from simulation.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -31,8 +39,10 @@ from simulation.checkpoint import (
 from simulation.config import resolve_config
 from simulation.sampling import RoundSampler, make_strategy
 
+from .deploy.helpers import process_tree, wait_for
 from .helpers import NodeList
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = resolve_config({"task": "linear", "num-partitions": 10, "clients-per-round": 6})
 
 
@@ -294,3 +304,132 @@ def test_carried_state_lists_everything_a_defense_keeps_across_rounds(defense):
     changed = {name for name in after if before.get(name) != after[name]}
     transient = {"_global_arrays"}  # the arrays sent this round, set again by configure_train
     assert changed - transient <= set(getattr(strategy, "carried_state", ())), changed
+
+
+# -- a real simulation, SIGKILLed and resumed -------------------------------------------------------------
+
+BASE = {
+    "task": "linear",
+    "num-server-rounds": 6,
+    "num-partitions": 6,
+    "clients-per-round": 4,
+    "linear-train-size": 1200,
+    "linear-test-size": 300,
+    "device": "cpu",
+}
+GRID = """
+name = "resume"
+output = "{output}"
+defenses = ["foolsgold"]
+attacks = ["blackbox"]
+seeds = [0]
+
+[base]
+""" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in BASE.items())
+RUN = "foolsgold__blackbox__seed0"
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_round(run_dir: Path) -> int | None:
+    try:
+        return json.loads((run_dir / "checkpoint" / CHECKPOINT_FILE).read_text())["round"]
+    except (OSError, ValueError):
+        return None
+
+
+def kill_tree(popen: subprocess.Popen) -> None:
+    """SIGKILL the process and every descendant (Ray's too), by pid."""
+    for pid in process_tree([popen.pid]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    popen.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """A one-run grid SIGKILLed after its round-2 checkpoint, then resumed by running the grid again."""
+    root = tmp_path_factory.mktemp("resume")
+    grid_file = root / "grid.toml"
+    grid_file.write_text(GRID.format(output=root / "results"))
+    run_dir = root / "results" / RUN
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with (root / "killed.log").open("wb") as log:
+        popen = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "simulation", "grid", str(grid_file), "--no-progress"],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: (checkpoint_round(run_dir) or 0) >= 2, 240, "the round-2 checkpoint")
+    finally:
+        kill_tree(popen)
+    killed_at = checkpoint_round(run_dir)
+    rows_when_killed = read_rows(run_dir)
+    meta = json.loads((run_dir / "config.json").read_text())
+    cli(["grid", str(grid_file), "--no-progress"])
+    return run_dir, killed_at, rows_when_killed, meta
+
+
+def test_grid_killed_mid_run_resumes_from_its_checkpoint(killed_and_resumed):
+    run_dir, killed_at, rows_when_killed, meta_when_killed = killed_and_resumed
+    assert meta_when_killed["completed"] is False
+    assert 2 <= killed_at < BASE["num-server-rounds"], "the run was not killed mid-run"
+    assert [r["round"] for r in rows_when_killed][: killed_at + 1] == list(range(killed_at + 1))
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["completed"] is True
+    assert [entry["from_round"] for entry in meta["resumed"]] == [killed_at]
+    assert meta["started"] == meta_when_killed["started"]
+    rows = read_rows(run_dir)
+    assert [r["round"] for r in rows] == list(range(BASE["num-server-rounds"] + 1))  # each round once
+    assert checkpoint_round(run_dir) == BASE["num-server-rounds"]
+
+
+def test_resumed_run_has_the_metrics_of_an_uninterrupted_one(killed_and_resumed, tmp_path):
+    run_dir, *_ = killed_and_resumed
+    reference_dir = tmp_path / "uninterrupted"
+    sets = [f"{k}={v}" for k, v in {**BASE, "defense": "foolsgold", "attack": "blackbox", "seed": 0}.items()]
+    cli(["run", "--out", str(reference_dir), "--set", *sets])
+
+    def numbers(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    resumed, reference = numbers(read_rows(run_dir)), numbers(read_rows(reference_dir))
+    assert [r["acc_main"] for r in resumed] == [r["acc_main"] for r in reference]
+    assert [r["acc_backdoor"] for r in resumed] == [r["acc_backdoor"] for r in reference]
+    for row, expected in zip(resumed, reference, strict=True):
+        # client metrics are averaged in reply-arrival order: equal up to the last bit
+        assert row == pytest.approx(expected, rel=1e-9)
+
+
+def test_corrupt_or_foreign_checkpoints_stop_the_grid_before_training(
+    killed_and_resumed, tmp_path, monkeypatch
+):
+    run_dir, *_ = killed_and_resumed
+    monkeypatch.setattr("simulation.grid.run", lambda *a, **k: pytest.fail("training started"))
+    results = tmp_path / "results"
+    copy = results / RUN
+    shutil.copytree(run_dir, copy)
+    meta = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**meta, "completed": False}))
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(GRID.format(output=results))
+    checkpoint_dir = copy / "checkpoint"
+    shutil.rmtree(checkpoint_dir)
+    shutil.copytree(run_dir / "checkpoint", checkpoint_dir)
+    npz = next(checkpoint_dir.glob("round-*.npz"))
+    npz.write_bytes(npz.read_bytes()[:-40])  # truncated
+
+    with pytest.raises(SystemExit, match=rf"error: checkpoint arrays '{npz}' are corrupt"):
+        cli(["grid", str(grid_file), "--no-progress"])
+
+    grid_file.write_text(
+        GRID.format(output=results).replace("linear-test-size = 300", "linear-test-size = 200")
+    )
+    with pytest.raises(SystemExit, match=r"written by another run: linear-test-size is 300 there, 200 here"):
+        cli(["grid", str(grid_file), "--no-progress"])
