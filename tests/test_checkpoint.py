@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,14 @@ def test_one_serverapp_per_checkpoint_directory(tmp_path):
         pass
     with checkpoint_lock(tmp_path):  # released
         pass
+    started = time.monotonic()
+    with (
+        checkpoint_lock(tmp_path),
+        pytest.raises(CheckpointError, match="in use"),
+        checkpoint_lock(tmp_path, 1.0),
+    ):
+        pass
+    assert time.monotonic() - started >= 1.0  # waited for the holder first
 
 
 # -- every defense continues exactly -----------------------------------------------------------------------
@@ -431,5 +440,9 @@ def test_corrupt_or_foreign_checkpoints_stop_the_grid_before_training(
     grid_file.write_text(
         GRID.format(output=results).replace("linear-test-size = 300", "linear-test-size = 200")
     )
-    with pytest.raises(SystemExit, match=r"written by another run: linear-test-size is 300 there, 200 here"):
+    foreign = r"written by another run: linear-test-size is 300 there, 200 here"
+    with pytest.raises(SystemExit, match=foreign):
         cli(["grid", str(grid_file), "--no-progress"])
+    sets = {**BASE, "defense": "invariant", "attack": "blackbox", "seed": 0, "linear-test-size": 200}
+    with pytest.raises(SystemExit, match=foreign):  # `run` into the interrupted run's directory
+        cli(["run", "--out", str(copy), "--set", *(f"{k}={v}" for k, v in sets.items())])
