@@ -88,10 +88,23 @@ class FLAIN(ScreenedReplies, FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run FedAvg rounds, then repair the final model."""
+        """Run FedAvg rounds, then repair the final model (:meth:`finish`)."""
         result = super().start(
             grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
         )
+        return self.finish(result, initial_arrays, num_rounds, evaluate_fn)
+
+    def finish(
+        self,
+        result: Result,
+        initial_arrays: ArrayRecord,
+        num_rounds: int,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Repair ``result.arrays`` (the model after round ``num_rounds``) against ``initial_arrays``.
+
+        For a round loop other than :meth:`start` (e.g. one resumed from a checkpoint).
+        """
         if self.repair is None:
             log(INFO, "FLAIN: no repair configured (no auxiliary data); the FedAvg model is returned")
             return result

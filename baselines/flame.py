@@ -64,6 +64,9 @@ class FLAME(PseudoGradientStrategy):
         Seed of the server's noise generator.
     """
 
+    #: Attributes that carry across rounds (saved in a round checkpoint): the noise generator.
+    carried_state = ("rng",)
+
     def __init__(self, *, noise_lambda: float = 0.001, seed: int | None = None, **fedavg_kwargs):
         if noise_lambda < 0:
             raise ValueError(f"noise_lambda must be >= 0, got {noise_lambda}")

@@ -66,6 +66,9 @@ class FoolsGold(PseudoGradientStrategy):
         default: the last one with 2+ dimensions (else the whole model).
     """
 
+    #: Attributes that carry across rounds (saved in a round checkpoint): the per-node histories.
+    carried_state = ("histories",)
+
     def __init__(self, *, confidence: float = 1.0, history_layer: int | None = None, **fedavg_kwargs):
         if not confidence > 0:
             raise ValueError(f"confidence must be > 0, got {confidence}")

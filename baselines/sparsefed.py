@@ -38,6 +38,9 @@ class SparseFed(PseudoGradientStrategy):
     server_learning_rate : float (default: 1.0)
     """
 
+    #: Attributes that carry across rounds (saved in a round checkpoint): the error feedback.
+    carried_state = ("error_feedback",)
+
     def __init__(
         self,
         *,

@@ -28,6 +28,9 @@ class WeakDP(PseudoGradientStrategy):
         Seed of the server's noise generator.
     """
 
+    #: Attributes that carry across rounds (saved in a round checkpoint): the noise generator.
+    carried_state = ("rng",)
+
     def __init__(
         self,
         *,

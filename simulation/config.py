@@ -62,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
     "results-file": "",  # JSON file the ServerApp writes per-round metrics to ("" = none)
     "pretrain-rounds": 0,  # benign FedAvg rounds that train the starting model (see simulation/pretrain.py)
     "pretrain-cache": "",  # directory keeping pretrained starting models ("" = none)
+    "checkpoint-dir": "",  # the ServerApp's round checkpoint; resumed from if present ("" = none)
+    "checkpoint-every": 1,  # write the checkpoint every k rounds (and after round 0 and the last round)
     # defense settings (InvariantAggregation)
     "tau": DEFAULT_TAU,
     "trim-ratio": DEFAULT_TRIM_RATIO,
@@ -138,6 +140,7 @@ _CHOICES = {
 _POSITIVE_INT = (
     "num-server-rounds",
     "eval-every",
+    "checkpoint-every",
     "num-partitions",
     "clients-per-round",
     "local-epochs",

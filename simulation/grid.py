@@ -6,12 +6,16 @@ Each run writes ``OUTPUT/<defense>__<attack>__seed<seed>/``:
   ``acc_backdoor``, ``loss``, ``seconds``, ``attackers_sampled`` and the
   strategy's own metrics as ``train_*``, e.g. ``train_mask_fraction``);
 - ``config.json``: the resolved run config, the client resources, the package
-  versions, ``completed`` and (with ``pretrain-rounds``) the pretrained model's
-  accuracies; ``python -m simulation run --from config.json``
-  repeats the run.
+  versions, ``completed``, ``resumed`` (the rounds it resumed after, if it was
+  interrupted) and (with ``pretrain-rounds``) the pretrained model's accuracies;
+  ``python -m simulation run --from config.json`` repeats the run;
+- ``checkpoint/``: the ServerApp's last round checkpoint (the final model once
+  the run completed).
 
 A run whose ``config.json`` says ``completed`` is skipped when the grid runs
-again, so a crashed or interrupted grid resumes where it stopped.
+again, and an interrupted run resumes from its last round checkpoint
+(``checkpoint/``, see :mod:`simulation.checkpoint`), so a crashed or interrupted
+grid continues where it stopped, up to the round in flight.
 
 Grid file (TOML; YAML with the same keys works too)::
 
@@ -60,11 +64,14 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from .checkpoint import checkpoint_lock, clear_checkpoint, read_checkpoint
 from .config import CACHE_DIR_NAME, DEFAULTS, resolve_config
 from .launcher import Resources, run
 
 __all__ = ["GridSpec", "load_grid", "run_grid", "run_into", "versions"]
 
+#: A run's checkpoint directory: ``OUTPUT/<run>/checkpoint``.
+CHECKPOINT_DIR_NAME = "checkpoint"
 GRID_KEYS = ("name", "output", "defenses", "attacks", "seeds", "cells", "base", "resources")
 CELL_KEYS = ("defenses", "attacks", "seeds")
 RESOURCE_KEYS = {
@@ -211,29 +218,57 @@ def run_into(
 ) -> dict[str, Any]:
     """One run into ``run_dir`` (``config.json`` + ``metrics.jsonl``); returns its record.
 
-    Rounds are appended to ``metrics.jsonl`` as they finish; at the end the file
-    is rewritten with the strategy's metrics added and ``config.json`` is marked
-    ``completed``.
+    The ServerApp keeps a round checkpoint in ``run_dir/checkpoint`` (unless the
+    overrides set ``checkpoint-dir``). A run that did not complete resumes from it:
+    ``metrics.jsonl`` keeps the rounds up to the checkpoint and new rounds are
+    appended, and ``config.json``'s ``resumed`` lists each resumption and its round.
+    A completed run is run again from round 0. Rounds are appended to
+    ``metrics.jsonl`` as they finish; at the end the file is rewritten with the
+    strategy's metrics added and ``config.json`` is marked ``completed``. Raises
+    ``CheckpointError`` (naming the file) for a checkpoint of another run config
+    or a corrupt one, before anything is trained.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    given = dict(overrides)
+    overrides = {"checkpoint-dir": str((run_dir / CHECKPOINT_DIR_NAME).resolve()), **given}
+    config = resolve_config(overrides)
+    checkpoint_dir = Path(config["checkpoint-dir"])
+    previous = _read_meta(run_dir)
+    with checkpoint_lock(checkpoint_dir):  # not while another process runs it (the ServerApp locks it)
+        if previous.get("completed") is True and clear_checkpoint(checkpoint_dir):
+            log(INFO, "%s: completed earlier; running it again from round 0", run_dir.name)
+        saved = read_checkpoint(checkpoint_dir, config)
     meta = {
-        "run": resolve_config(overrides),
-        "overrides": dict(overrides),
+        "run": config,
+        "overrides": given,  # without the checkpoint-dir: `run --from` into another directory starts anew
         "resources": {key: getattr(resources, attr) for key, attr in RESOURCE_KEYS.items()},
         "versions": versions(),
         "grid": grid,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "completed": False,
     }
-    _write_json(run_dir / "config.json", meta)
     metrics_path = run_dir / "metrics.jsonl"
-    with metrics_path.open("w", encoding="utf-8") as stream:
+    if saved is None:
+        if previous:
+            log(INFO, "%s: no checkpoint in %s; starting from round 0", run_dir.name, checkpoint_dir)
+        mode = "w"
+    else:
+        log(INFO, "%s: resuming after round %d (%s)", run_dir.name, saved.server_round, saved.path)
+        resumed = [*previous.get("resumed", []), {"from_round": saved.server_round, "at": meta["started"]}]
+        meta.update(started=previous.get("started", meta["started"]), resumed=resumed)
+        _keep_rounds(metrics_path, saved.server_round)
+        mode = "a"
+    _write_json(run_dir / "config.json", meta)
+    with metrics_path.open(mode, encoding="utf-8") as stream:
 
         def on_round(row: dict[str, Any]) -> None:
             stream.write(json.dumps(row, default=float) + "\n")
             stream.flush()
 
-        record = run(overrides, resources, progress=progress, label=run_dir.name, on_round=on_round)
+        done = 0 if saved is None else saved.server_round + 1
+        record = run(
+            overrides, resources, progress=progress, label=run_dir.name, on_round=on_round, done=done
+        )
     temporary = metrics_path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(json.dumps(row, default=float) + "\n" for row in record["rounds"]))
     os.replace(temporary, metrics_path)
@@ -242,6 +277,33 @@ def run_into(
         finished["pretrain"] = record["pretrain"]
     _write_json(run_dir / "config.json", {**meta, **finished})
     return record
+
+
+def _read_meta(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/config.json`` as a dict; empty when absent or unreadable (then nothing is resumed
+    from it but the checkpoint, which carries its own run config)."""
+    try:
+        meta = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _keep_rounds(metrics_path: Path, last_round: int) -> None:
+    """Rewrite ``metrics.jsonl`` with its rows of rounds ``<= last_round``, each round once."""
+    if not metrics_path.exists():
+        return
+    kept: dict[int, str] = {}
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            server_round = int(json.loads(line)["round"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+        if server_round <= last_round:
+            kept.setdefault(server_round, line)
+    temporary = metrics_path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(kept[r] + "\n" for r in sorted(kept)), encoding="utf-8")
+    os.replace(temporary, metrics_path)
 
 
 def is_completed(run_dir: Path) -> bool:

@@ -103,11 +103,13 @@ def run(
     progress: bool = True,
     label: str = "",
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    done: int = 0,
 ) -> dict[str, Any]:
     """One simulation with ``num-partitions`` SuperNodes; returns the ServerApp's record.
 
     ``config``: run-config overrides (see :mod:`simulation.config`). The record
-    is ``{"config": resolved config, "rounds": [per-round metrics]}``.
+    is ``{"config": resolved config, "rounds": [per-round metrics]}``. ``done``:
+    evaluations already done (a resumed run), where the progress bar starts.
     """
     from flwr.simulation import run_simulation
     from tqdm import tqdm
@@ -123,6 +125,7 @@ def run(
     records: list[dict[str, Any]] = []
     bar = tqdm(
         total=resolved["num-server-rounds"] + 1,
+        initial=done,
         desc=label or resolved["defense"],
         unit="round",
         disable=not progress,

@@ -46,7 +46,18 @@ CSV_COLUMNS: tuple[str, ...] = (
     "acc_backdoor_std",
 )
 # Run-config keys that may legitimately differ between the runs of one table cell.
-_PER_RUN_KEYS = frozenset({"seed", "results-file", "data-root", "device", "download", "pretrain-cache"})
+_PER_RUN_KEYS = frozenset(
+    {
+        "seed",
+        "results-file",
+        "data-root",
+        "device",
+        "download",
+        "pretrain-cache",
+        "checkpoint-dir",
+        "checkpoint-every",
+    }
+)
 _FIRST, _LAST = "fedavg", "invariant"
 
 

@@ -2,9 +2,12 @@
 
 Reads the run config (:mod:`simulation.config`), builds the defense from
 :data:`baselines.DEFENSES` with seeded client sampling (:mod:`simulation.sampling`),
-runs ``strategy.start(...)`` with the server-side ``evaluate_fn`` and records
-per-round metrics (``acc_main``, ``acc_backdoor``, ``loss``, number of attackers
-sampled, and the defense's train metrics).
+runs its rounds as Flower's ``strategy.start(...)`` does (:func:`run_rounds`) with the
+server-side ``evaluate_fn`` and records per-round metrics (``acc_main``, ``acc_backdoor``,
+``loss``, number of attackers sampled, and the defense's train metrics).
+
+With ``checkpoint-dir`` it writes a round checkpoint (:mod:`simulation.checkpoint`) and,
+started again, continues from it: in simulation and on a restarted SuperLink alike.
 
 Before round 1 the app sends one ``query`` message to every node to learn its
 ``partition-id``; the sampler then works on partitions, not on node ids.
@@ -15,24 +18,50 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from baselines.flain import FLAIN
 from baselines.flain_repair import FlainRepair
 
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_model,
+    checkpoint_lock,
+    read_checkpoint,
+    restore_strategy_state,
+    strategy_state,
+    write_checkpoint,
+)
 from .config import resolve_config
 from .pretrain import pretrain
 from .sampling import RoundSampler, make_strategy
 
-__all__ = ["app", "discover_partitions", "make_server_app", "run_experiment"]
+__all__ = ["RoundHistory", "app", "discover_partitions", "make_server_app", "run_experiment", "run_rounds"]
+
+#: Seconds a ServerApp waits for another one to release its checkpoint directory (the
+#: ServerApp of a killed SuperLink may take a few seconds to notice and exit).
+LOCK_WAIT = 120.0
 
 
 def discover_partitions(grid: Grid, num_partitions: int, timeout: float = 120.0) -> dict[int, int]:
@@ -82,6 +111,90 @@ def flain_repair(task: Any, config: Mapping[str, Any]) -> FlainRepair:
     return FlainRepair(model_fn=lambda: model_for(task, config), aux_loader=batches)
 
 
+@dataclass
+class RoundHistory:
+    """Per-round metrics of a run so far, keyed by round (what a checkpoint keeps of them)."""
+
+    evaluate: dict[int, dict[str, Any]] = field(default_factory=dict)  # server-side evaluation
+    train: dict[int, dict[str, Any]] = field(default_factory=dict)  # the strategy's train metrics
+    seconds: dict[int, float] = field(default_factory=dict)  # wall time since the previous evaluation
+    attackers: dict[int, int] = field(default_factory=dict)  # malicious partitions sampled
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        """JSON-able form (round numbers become strings)."""
+        return {name: {str(r): v for r, v in getattr(self, name).items()} for name in _HISTORY_FIELDS}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Mapping[str, Any]]) -> RoundHistory:
+        """Inverse of :meth:`to_json`."""
+        return cls(**{name: {int(r): v for r, v in document[name].items()} for name in _HISTORY_FIELDS})
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per evaluated round: ``round``, evaluation metrics, ``seconds``,
+        ``attackers_sampled`` and the train metrics as ``train_*``."""
+        rows = []
+        for server_round, metrics in sorted(self.evaluate.items()):
+            row: dict[str, Any] = {"round": server_round, **metrics}
+            row["seconds"] = self.seconds.get(server_round, 0.0)
+            row["attackers_sampled"] = self.attackers.get(server_round, 0)
+            train_metrics = self.train.get(server_round)
+            if train_metrics is not None:
+                row.update({f"train_{k}": v for k, v in train_metrics.items()})
+            rows.append(row)
+        return rows
+
+
+_HISTORY_FIELDS = ("evaluate", "train", "seconds", "attackers")
+
+
+def run_rounds(
+    strategy: FedAvg,
+    grid: Grid,
+    arrays: ArrayRecord,
+    first_round: int,
+    config: Mapping[str, Any],
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord],
+    history: RoundHistory,
+    after_round: Callable[[int, ArrayRecord], None],
+) -> ArrayRecord:
+    """Rounds ``first_round`` .. ``num-server-rounds`` of ``strategy``; returns the final arrays.
+
+    The steps and their order are those of Flower's ``Strategy.start`` (round 0
+    only evaluates the starting model), so a run gives the same numbers; unlike it,
+    this loop can start after round 0, records the evaluation and train metrics in
+    ``history`` and calls ``after_round(round, arrays)`` once each round is evaluated.
+    """
+    num_rounds, timeout = config["num-server-rounds"], config["round-timeout"]
+    train_config, evaluate_config = ConfigRecord({}), ConfigRecord()
+    log(INFO, "Starting %s strategy:", type(strategy).__name__)
+    log_strategy_start_info(num_rounds, arrays, train_config, evaluate_config)
+    strategy.summary()
+    log(INFO, "")
+    if first_round == 0:
+        history.evaluate[0] = dict(evaluate_fn(0, arrays))
+        log(INFO, "Initial global evaluation results: %s", history.evaluate[0])
+        after_round(0, arrays)
+    for server_round in range(max(first_round, 1), num_rounds + 1):
+        log(INFO, "")
+        log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+        messages = strategy.configure_train(server_round, arrays, train_config, grid)
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        if train_metrics is not None:
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
+            history.train[server_round] = dict(train_metrics)
+        messages = strategy.configure_evaluate(server_round, arrays, evaluate_config, grid)
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        strategy.aggregate_evaluate(server_round, replies)  # none: evaluation happens on the server
+        log(INFO, "Global evaluation")
+        history.evaluate[server_round] = dict(evaluate_fn(server_round, arrays))
+        log(INFO, "\t└──> MetricRecord: %s", history.evaluate[server_round])
+        after_round(server_round, arrays)
+    return arrays
+
+
 def run_experiment(
     grid: Grid, config: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
@@ -91,60 +204,122 @@ def run_experiment(
     (:mod:`simulation.pretrain`; round 0's row evaluates it) and the record gets a
     ``"pretrain"`` summary.
 
+    With ``checkpoint-dir`` set, the run resumes from the checkpoint there (if any;
+    the record then has ``resumed_from_round``) and writes one after round 0, every
+    ``checkpoint-every`` rounds and after the last (:mod:`simulation.checkpoint`). A
+    checkpoint of another run config or model is refused with ``CheckpointError``.
+
     Each round's row has ``round``, the server-side metrics (``acc_backdoor``;
     ``acc_main`` and ``loss`` on the rounds ``eval-every`` evaluates), ``seconds``
     (wall time since the previous evaluation), ``attackers_sampled`` and the strategy's
     metrics as ``train_*``.
     ``on_round`` gets each evaluation row (without ``train_*``) as it happens.
     """
+    directory = Path(config["checkpoint-dir"]).expanduser() if config["checkpoint-dir"] else None
+    with checkpoint_lock(directory, wait=LOCK_WAIT):
+        return _run_experiment(grid, config, directory, on_round)
+
+
+def _run_experiment(
+    grid: Grid,
+    config: Mapping[str, Any],
+    directory: Path | None,
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     from .data import load_task
     from .training import make_evaluate_fn, model_for
 
+    saved = read_checkpoint(directory, config) if directory is not None else None
     task = load_task(config)
     initial = ArrayRecord(model_for(task, config, pretrained_weights=True).state_dict())
+    if saved is not None:
+        check_model(saved, initial)
     node_of = discover_partitions(grid, config["num-partitions"], config["round-timeout"])
-    pretrained = None
-    if config["pretrain-rounds"]:
-        initial, pretrained = pretrain(grid, config, node_of, initial)
     sampler = RoundSampler(node_of, config)
     strategy = make_strategy(config, sampler)
-    if isinstance(strategy, FLAIN):
+    keeps_initial = isinstance(strategy, FLAIN)  # its repair needs the round-0 model
+    if keeps_initial:
         strategy.repair = flain_repair(task, config)
+    pretrained = None
+    if saved is None:
+        if config["pretrain-rounds"]:
+            initial, pretrained = pretrain(grid, config, node_of, initial)
+        arrays, history, first_round = initial, RoundHistory(), 0
+    else:
+        restore_strategy_state(strategy, saved, node_of)
+        if keeps_initial:
+            if saved.initial is None:
+                raise CheckpointError(f"checkpoint {str(saved.path)!r} lacks the round-0 model FLAIN needs")
+            initial = _array_record(saved.initial)
+        try:
+            history = RoundHistory.from_json(saved.history)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {str(saved.path)!r}: unreadable history ({error!r})") from None
+        arrays = _array_record(saved.model)
+        pretrained, first_round = saved.pretrain, saved.server_round + 1
+        log(
+            INFO,
+            "resuming from %s: %d of %d rounds done",
+            saved.path,
+            first_round - 1,
+            config["num-server-rounds"],
+        )
     evaluate = make_evaluate_fn(config)
-    seconds: dict[int, float] = {}
     clock = [time.monotonic()]
 
     def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         metrics = evaluate(server_round, arrays)
         now = time.monotonic()
-        seconds[server_round] = now - clock[0]
+        history.seconds[server_round] = now - clock[0]
+        history.attackers[server_round] = sampler.num_attackers(server_round)
         clock[0] = now
         if on_round is not None:
-            on_round({"round": server_round, **dict(metrics), "seconds": seconds[server_round]})
+            on_round({"round": server_round, **dict(metrics), "seconds": history.seconds[server_round]})
         return metrics
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=config["num-server-rounds"],
-        timeout=config["round-timeout"],
-        train_config=ConfigRecord({}),
-        evaluate_fn=timed_evaluate,
-    )
-    rounds = []
-    for server_round, metrics in sorted(result.evaluate_metrics_serverapp.items()):
-        row: dict[str, Any] = {"round": server_round, **dict(metrics)}
-        row["seconds"] = seconds.get(server_round, 0.0)
-        row["attackers_sampled"] = sampler.num_attackers(server_round)
-        train_metrics = result.train_metrics_clientapp.get(server_round)
-        if train_metrics is not None:
-            row.update({f"train_{k}": v for k, v in dict(train_metrics).items()})
-        rounds.append(row)
+    partition_of = {node: pid for pid, node in node_of.items()}
+
+    def save(server_round: int, arrays: ArrayRecord) -> None:
+        last = server_round == config["num-server-rounds"]
+        if directory is None or (server_round % config["checkpoint-every"] and not last):
+            return
+        state_arrays, state_meta = strategy_state(strategy, partition_of)
+        checkpoint = Checkpoint(
+            server_round=server_round,
+            model=_numpy(arrays),
+            history=history.to_json(),
+            initial=_numpy(initial) if keeps_initial else None,
+            strategy_arrays=state_arrays,
+            strategy_meta=state_meta,
+            pretrain=pretrained,
+        )
+        path = write_checkpoint(directory, config, checkpoint)
+        log(INFO, "round %d: checkpoint written to %s", server_round, path)
+
+    arrays = run_rounds(strategy, grid, arrays, first_round, config, timed_evaluate, history, save)
+    if isinstance(strategy, FLAIN):
+        result = Result(
+            arrays=arrays,
+            evaluate_metrics_serverapp={r: MetricRecord(m) for r, m in history.evaluate.items()},
+        )
+        result = strategy.finish(result, initial, config["num-server-rounds"], timed_evaluate)
+        history.evaluate = {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()}
+    rounds = history.rows()
     record: dict[str, Any] = {"config": dict(config), "rounds": rounds}
     if pretrained is not None:
         start = rounds[0]  # round 0 evaluates the pretrained model the strategy started from
         record["pretrain"] = {**pretrained, **{k: start[k] for k in ("acc_main", "acc_backdoor", "loss")}}
+    if saved is not None:
+        record["resumed_from_round"] = saved.server_round
     return record
+
+
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in arrays.items()}
+
+
+def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.asarray(array)) for key, array in arrays.items()})
 
 
 def make_server_app(

@@ -8,14 +8,18 @@ results-file, the logs, and that every process stops on SIGTERM.
 * plain (insecure) run of ``defense='invariant'`` with an attacker among the nodes;
 * TLS + SuperNode authentication: an unregistered SuperNode is refused and never trains;
 * a SuperNode SIGKILLed in the middle of a round: the run completes every round;
-* SuperNodes that send garbage (NaN, wrong shapes, wrong keys): excluded and named.
+* SuperNodes that send garbage (NaN, wrong shapes, wrong keys): excluded and named;
+* the SuperLink SIGKILLed after round 2 of 4 and started again: the resubmitted run
+  continues from the ServerApp's round checkpoint and runs rounds 3-4 only.
 
 They take about a minute each on 2 cores; ``-k "not test_deployment"`` skips them.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import signal
 import sys
@@ -28,7 +32,16 @@ import pytest
 
 from simulation.partition import attacker_partitions
 
-from .deploy.helpers import REPO, Deployment, Process, crash_lines, make_app_dir, read_metrics, wait_for
+from .deploy.helpers import (
+    REPO,
+    Deployment,
+    Process,
+    alive,
+    crash_lines,
+    make_app_dir,
+    read_metrics,
+    wait_for,
+)
 from .deploy.pki import make_node_keys, make_tls_files
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and POSIX signals")
@@ -285,3 +298,76 @@ def test_garbage_updates_are_excluded_in_deployment(deployment_factory, tmp_path
         assert "Sending: train message" in process.log()  # every node did answer
     assert_run_finished(deployment)
     assert_clean_shutdown(deployment)
+
+
+def checkpoint_round(directory: Path) -> int | None:
+    """The round of the ServerApp's checkpoint in ``directory`` (None before the first)."""
+    try:
+        return int(json.loads((directory / "checkpoint.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_superlink_killed_after_round_2_resumes_from_the_checkpoint(
+    deployment_factory, tmp_path: Path
+) -> None:
+    """SIGKILL the SuperLink after round 2 of 4, start it again (same port, same ``--database``)
+    and submit the same run: the SuperNodes reconnect by themselves (the database keeps them and
+    their node ids) and the ServerApp runs rounds 3-4 from its checkpoint, FoolsGold's per-client
+    histories included."""
+    deployment = deployment_factory()
+    database = ["--database", str(tmp_path / "superlink-state.db")]
+    deployment.start_superlink(extra=database)
+    nodes = start_nodes(deployment, 3)
+    checkpoints = tmp_path / "checkpoint"
+    config = {
+        **BASE_CONFIG,
+        "defense": "foolsgold",
+        "num-partitions": 3,
+        "clients-per-round": 3,
+        "num-server-rounds": 4,
+        "checkpoint-dir": str(checkpoints),
+        "checkpoint-every": 2,  # rounds 0, 2 and 4: the kill lands between two checkpoints
+    }
+    results = tmp_path / "metrics.json"
+    outcome: dict[str, Any] = {}
+
+    def submit() -> None:
+        outcome["first"] = deployment.run_app(REPO, {**config, "results-file": str(results)}, RUN_TIMEOUT)
+
+    runner = threading.Thread(target=submit, daemon=True)
+    runner.start()
+    wait_for(lambda: checkpoint_round(checkpoints) == 2, RUN_TIMEOUT, "the round-2 checkpoint")
+    (interrupted,) = deployment.runs()
+    killed = deployment.superlink
+    assert killed is not None
+    killed.remember_descendants()
+    os.kill(killed.pid, signal.SIGKILL)  # the SuperLink only: its SuperExec and ServerApp notice
+    killed.popen.wait(timeout=30)
+    runner.join(RUN_TIMEOUT)
+    assert not runner.is_alive() and outcome["first"].returncode != 0, "flwr run did not notice the crash"
+    assert checkpoint_round(checkpoints) == 2 and not results.exists()
+    saved = json.loads((checkpoints / "checkpoint.json").read_text())["history"]["evaluate"]
+    before_restart = {pid: len(process.log()) for pid, (process, _) in nodes.items()}
+
+    deployment.start_superlink(name="superlink-restarted", extra=database)
+    wait_for(lambda: sorted(deployment.nodes().values()) == ["online"] * 3, 90, "the SuperNodes to reconnect")
+    stream, record = run_and_read(deployment, REPO, config, results)
+
+    assert re.search(r"resuming from .*round-000002\.npz: 2 of 4 rounds done", stream), stream
+    assert "[ROUND 3/4]" in stream and "[ROUND 4/4]" in stream
+    assert "[ROUND 1/4]" not in stream and "[ROUND 2/4]" not in stream
+    assert record["resumed_from_round"] == 2
+    rows = assert_complete(record, 4)
+    for row in rows[:3]:  # rounds 0-2 come from the checkpoint, unchanged
+        assert {k: row[k] for k in saved[str(row["round"])]} == saved[str(row["round"])]
+    for row in rows[1:]:
+        assert row["train_num_aggregated"] == 3 and row["train_num_failures"] == 0, row
+    for pid, (process, _) in nodes.items():  # every node trained rounds 3 and 4 after the restart
+        assert process.log()[before_restart[pid] :].count("Receiving: train message") == 2, process.tail()
+    assert checkpoint_round(checkpoints) == 4
+    statuses = {run["run-id"]: run["status"] for run in deployment.runs()}
+    assert statuses.pop(interrupted["run-id"]).startswith("finished:"), statuses
+    assert list(statuses.values()) == ["finished:completed"]
+    assert_clean_shutdown(deployment, skip=(killed.name,))
+    assert not any(alive(pid) for pid in killed.descendants)  # the old ServerApp did exit

@@ -217,7 +217,8 @@ class Deployment:
         )
         return env
 
-    def _start(self, name: str, args: list[str]) -> Process:
+    def _start(self, name: str, args: list[str], home: str | None = None) -> Process:
+        """Start ``args`` as ``name`` (log ``<name>.log``) with ``FLWR_HOME`` ``<home or name>-home``."""
         log_path = self.root / f"{name}.log"
         with log_path.open("wb") as log:
             popen = subprocess.Popen(  # noqa: S603 - fixed executables from the venv
@@ -226,7 +227,7 @@ class Deployment:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.root,
-                env=self.env(self.root / f"{name}-home"),
+                env=self.env(self.root / f"{home or name}-home"),
                 start_new_session=True,
             )
         process = Process(name, popen, log_path)
@@ -235,8 +236,14 @@ class Deployment:
 
     # -- processes -----------------------------------------------------------------------------------
 
-    def start_superlink(self, timeout: float = 60.0) -> Process:
-        """Start ``flower-superlink`` and wait until its HTTP port accepts connections."""
+    def start_superlink(
+        self, timeout: float = 60.0, name: str = "superlink", extra: Iterable[str] = ()
+    ) -> Process:
+        """Start ``flower-superlink`` and wait until its HTTP port accepts connections.
+
+        ``name``: of its log file; another name starts it again (same port and ``FLWR_HOME``)
+        next to the log of an earlier one. ``extra``: more arguments, e.g. ``--database``.
+        """
         args = ["flower-superlink", "--host", HOST, "--port", str(self.port)]
         args += ["--isolation", "subprocess", "--disable-runtime-dependency-installation"]
         if self.tls is None:
@@ -246,7 +253,7 @@ class Deployment:
             args += ["--ssl-certfile", str(self.tls.server_cert), "--ssl-keyfile", str(self.tls.server_key)]
         if self.node_auth:
             args.append("--enable-supernode-auth")
-        self.superlink = self._start("superlink", args)
+        self.superlink = self._start(name, [*args, *extra], home="superlink")
 
         def ready() -> bool:
             if not self.superlink.running():  # type: ignore[union-attr]
