@@ -1,24 +1,28 @@
-"""Time one round of aggregation on ResNet-18-sized updates, against Flower's own strategies.
+"""Time one round of aggregation on ResNet-18-sized updates against Flower's own strategies.
 
-All strategies get the same ``FitRes`` list (20 clients, float32 ResNet-18 state
-dicts with torchvision's real layer shapes, 11.19 M values each) in one process.
-Each client's update is a direction shared by all clients plus its own noise of
-the same scale, so clients agree on the sign of some coordinates and not others.
-Prints each ``aggregate_fit`` time (best of ``--repeats``), the ratios against
-``FedTrimmedAvg.aggregate_fit``, the share of coordinates the mask kept, and the
-peak extra memory that numpy allocated during the call (tracemalloc, in a
-separate run), relative to the stacked updates. ``tau=0`` keeps every coordinate:
-the slowest case for invariant aggregation.
+For each client count, every strategy gets the same ``FitRes`` list (float32 ResNet-18
+state dicts with torchvision's real layer shapes, 11.19 M values each) in one process.
+Each client's update is a direction shared by all clients plus its own noise of the same
+scale, so clients agree on the sign of some coordinates and not others. Prints a Markdown
+table: each ``aggregate_fit`` time (best of ``--repeats`` calls, fewer once a strategy's
+calls have taken ``--budget`` seconds), its ratios to ``FedTrimmedAvg`` and ``FedAvg``, the
+share of coordinates the mask kept, and the peak extra memory of one more call: what
+numpy allocated (tracemalloc; relative to the stacked updates) and the growth of the
+process's resident set (which also sees torch). ``tau=0`` keeps every coordinate: the
+slowest case for invariant aggregation. A strategy whose memory would not fit is skipped.
 
-    python benchmarks/aggregation.py [--clients 20] [--repeats 3]
+    python benchmarks/aggregation.py [--clients 20,50,100,200] [--repeats 3] [--budget 60]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import logging
 import os
 import platform
+import sys
 import time
 import tracemalloc
 
@@ -28,9 +32,16 @@ import torchvision
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg, FedTrimmedAvg
+from flwr.server.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from flwr_invariant import InvariantAggregation
+
+TRIMMED, FEDAVG = "FedTrimmedAvg(beta=0.45)", "FedAvg"
+INVARIANT = "InvariantAggregation (numpy)"
+
+# Peak extra memory of each strategy in stacked updates (measured at 20 clients, rounded up),
+# to skip the ones that would not fit; the rest need less than one client's update more.
+MEMORY_FACTORS = {TRIMMED: 1.6, "FedMedian": 1.6}
 
 
 class Proxy(ClientProxy):
@@ -63,79 +74,150 @@ def resnet18_round(num_clients: int, seed: int = 0):
     return global_weights, results
 
 
-def timed(strategy, results, repeats: int) -> tuple[float, dict]:
-    """Best wall time of ``aggregate_fit`` over ``repeats`` calls, and its metrics."""
-    best = float("inf")
+def strategies() -> dict:
+    """The strategies timed, by row label."""
+    device = "GPU" if torch.cuda.is_available() else "CPU"
+    return {
+        INVARIANT: InvariantAggregation(),
+        "InvariantAggregation (numpy, tau=0)": InvariantAggregation(tau=0.0),
+        f"InvariantAggregation (torch, {device})": InvariantAggregation(backend="torch"),
+        FEDAVG: FedAvg(),
+        TRIMMED: FedTrimmedAvg(beta=0.45),
+        "FedMedian": FedMedian(),
+    }
+
+
+def timed(strategy, results, repeats: int, budget: float) -> tuple[float, dict]:
+    """Best wall time of ``aggregate_fit`` over up to ``repeats`` calls (stops after ``budget`` s)."""
+    best, spent = float("inf"), 0.0
     for _ in range(repeats):
         start = time.perf_counter()
         parameters, metrics = strategy.aggregate_fit(1, results, [])
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
         assert parameters is not None
+        del parameters
+        if spent >= budget:
+            break
     return best, metrics
 
 
-def peak_extra_bytes(strategy, results) -> int:
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def peak_extra_bytes(strategy, results) -> tuple[int, int | None]:
+    """Peak bytes numpy allocated during one call (tracemalloc), and the peak resident-set
+    growth (``None`` where ``/proc/self/clear_refs`` cannot reset the high-water mark)."""
+    gc.collect()
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so the baseline is honest
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        rss_before = _status_kib("VmRSS:")
+    except OSError:
+        rss_before = None
     tracemalloc.start()
     baseline, _ = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()
     strategy.aggregate_fit(1, results, [])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return peak - baseline
+    rss_growth = None if rss_before is None else (_status_kib("VmHWM:") - rss_before) * 1024
+    return peak - baseline, rss_growth
+
+
+def available_bytes() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` (the physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def run(num_clients: int, repeats: int, budget: float) -> dict[str, float]:
+    """Time every strategy on one round of ``num_clients`` updates and print its table rows.
+
+    Returns the seconds per strategy timed (none if the updates alone would not fit).
+    """
+    global_weights = [t.numpy() for t in torchvision.models.resnet18(num_classes=10).state_dict().values()]
+    stacked_bytes = sum(w.nbytes for w in global_weights) * num_clients
+    margin = 2 * 2**30  # left free for the rest of the machine
+    if stacked_bytes + margin > available_bytes():
+        print(f"| {num_clients} | all: the updates alone need {stacked_bytes / 2**30:.1f} GiB | skipped |")
+        return {}
+    global_weights, results = resnet18_round(num_clients)
+    manager = SimpleClientManager()
+    for proxy, _ in results:
+        manager.register(proxy)
+    measured: dict[str, tuple] = {}
+    skipped: dict[str, float] = {}
+    for name, strategy in strategies().items():
+        needed = MEMORY_FACTORS.get(name, 0.0) * stacked_bytes + margin
+        if needed > available_bytes():
+            skipped[name] = needed
+            continue
+        strategy.configure_fit(1, ndarrays_to_parameters(global_weights), manager)
+        seconds, metrics = timed(strategy, results, repeats, budget)
+        measured[name] = (seconds, metrics, *peak_extra_bytes(strategy, results))
+    seconds = {name: values[0] for name, values in measured.items()}
+    for name in strategies():
+        if name in skipped:
+            print(f"| {num_clients} | {name} | skipped: needs ~{skipped[name] / 2**30:.0f} GiB free |")
+            continue
+        time_s, metrics, numpy_peak, rss_peak = measured[name]
+        ratios = [
+            f"{seconds[TRIMMED] / time_s:.1f}x" if TRIMMED in seconds else "-",
+            f"{time_s / seconds[FEDAVG]:.2f}" if FEDAVG in seconds else "-",
+        ]
+        mask = f"{metrics['mask_fraction']:.1%}" if "mask_fraction" in metrics else "-"
+        rss = "-" if rss_peak is None else f"{rss_peak / 2**20:.0f}"
+        cells = [
+            str(num_clients),
+            name,
+            f"{time_s:.3f}",
+            *ratios,
+            mask,
+            f"{numpy_peak / 2**20:.0f}",
+            f"{numpy_peak / stacked_bytes:.3f}",
+            rss,
+        ]
+        print("| " + " | ".join(cells) + " |", flush=True)
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--clients", default="20,50,100,200", help="comma-separated client counts")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of calls after which to stop")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
-
-    global_weights, results = resnet18_round(args.clients)
-    num_values = sum(w.size for w in global_weights)
-    stacked_bytes = sum(w.nbytes for w in global_weights) * args.clients
-    manager = SimpleClientManager()
-    for proxy, _ in results:
-        manager.register(proxy)
-    strategies = {
-        "FedTrimmedAvg(beta=0.45)": FedTrimmedAvg(beta=0.45),
-        "FedAvg": FedAvg(),
-        "InvariantAggregation (numpy)": InvariantAggregation(),
-        "InvariantAggregation (numpy, tau=0)": InvariantAggregation(tau=0.0),
-    }
-    if torch.cuda.is_available():
-        strategies["InvariantAggregation (torch, GPU)"] = InvariantAggregation(backend="torch")
-        strategies["InvariantAggregation (torch, GPU, tau=0)"] = InvariantAggregation(
-            backend="torch", tau=0.0
-        )
-    for strategy in strategies.values():
-        strategy.configure_fit(1, ndarrays_to_parameters(global_weights), manager)
-
     print(
         f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
         f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}"
     )
     if torch.cuda.is_available():
         print(f"gpu: {torch.cuda.get_device_name(0)}")
+    print(f"command: python {' '.join(sys.argv)}")
+    print("load average at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(
-        f"{args.clients} clients x {num_values:,} values "
-        f"(ResNet-18 state dict, {len(global_weights)} arrays); "
-        f"stacked updates {stacked_bytes / 2**20:.0f} MiB"
+        "\n| clients | strategy | aggregate_fit s | FedTrimmedAvg / this | this / FedAvg | mask kept "
+        "| numpy peak MiB | x stacked | RSS peak MiB |\n|---|---|---|---|---|---|---|---|---|",
+        flush=True,
     )
-    timings = {name: timed(strategy, results, args.repeats) for name, strategy in strategies.items()}
-    reference = timings["FedTrimmedAvg(beta=0.45)"][0]
+    start = time.perf_counter()
+    for num_clients in (int(n) for n in args.clients.split(",")):
+        run(num_clients, args.repeats, args.budget)
+        gc.collect()
     print(
-        f"\n{'strategy':40} {'aggregate_fit s':>15} {'FedTrimmedAvg / this':>21} {'mask kept':>9} "
-        f"{'peak extra MiB':>15} {'x stacked':>10}"
+        "\nload average at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+        + f"; whole run {(time.perf_counter() - start) / 60:.1f} min"
     )
-    for name, strategy in strategies.items():
-        seconds, metrics = timings[name]
-        mask = f"{metrics['mask_fraction']:9.1%}" if "mask_fraction" in metrics else f"{'-':>9}"
-        peak = peak_extra_bytes(strategy, results) if "GPU" not in name else float("nan")
-        print(
-            f"{name:40} {seconds:15.3f} {reference / seconds:20.1f}x {mask} "
-            f"{peak / 2**20:15.0f} {peak / stacked_bytes:10.2f}"
-        )
 
 
 if __name__ == "__main__":

@@ -176,11 +176,13 @@ class _ChunkEngine:
         size = window.stop - window.start
         buffers = self._scratch(out.dtype)
         values = buffers.values[: self.num_clients, :size]
-        for row, flat in zip(values, flats, strict=True):
-            if flat_ref is None:
+        if flat_ref is None:
+            for row, flat in zip(values, flats, strict=True):
                 row[...] = flat[window]
-            else:
-                np.subtract(flat_ref[window], flat[window], out=row, dtype=out.dtype)
+        else:
+            ref = flat_ref[window]
+            for row, flat in zip(values, flats, strict=True):
+                np.subtract(ref, flat[window], out=row, dtype=out.dtype)
         mask = self._mask(values, buffers)
         kept = np.flatnonzero(mask)
         mean = buffers.sums[0, :size]
