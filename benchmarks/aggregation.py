@@ -6,10 +6,12 @@ Each client's update is a direction shared by all clients plus its own noise of 
 scale, so clients agree on the sign of some coordinates and not others. Prints a Markdown
 table: each ``aggregate_fit`` time (best of ``--repeats`` calls, fewer once a strategy's
 calls have taken ``--budget`` seconds), its ratios to ``FedTrimmedAvg`` and ``FedAvg``, the
-share of coordinates the mask kept, and the peak extra memory of one more call: what
-numpy allocated (tracemalloc; relative to the stacked updates) and the growth of the
-process's resident set (which also sees torch). ``tau=0`` keeps every coordinate: the
-slowest case for invariant aggregation. A strategy whose memory would not fit is skipped.
+share of coordinates the mask kept, and the peak extra memory: what Python and numpy
+allocated during one more call (tracemalloc, not run for calls slower than
+``--trace-max`` s; also relative to the stacked updates), and the largest growth of the
+process's resident set during a timed call (which also sees torch's allocations).
+``tau=0`` keeps every coordinate: the slowest case for invariant aggregation. A strategy
+whose memory would not fit is skipped.
 
     python benchmarks/aggregation.py [--clients 20,50,100,200] [--repeats 3] [--budget 60]
 """
@@ -41,7 +43,7 @@ INVARIANT = "InvariantAggregation (numpy)"
 
 # Peak extra memory of each strategy in stacked updates (measured at 20 clients, rounded up),
 # to skip the ones that would not fit; the rest need less than one client's update more.
-MEMORY_FACTORS = {TRIMMED: 1.6, "FedMedian": 1.6}
+MEMORY_FACTORS = {TRIMMED: 1.5, "FedMedian": 1.5}
 
 
 class Proxy(ClientProxy):
@@ -87,46 +89,54 @@ def strategies() -> dict:
     }
 
 
-def timed(strategy, results, repeats: int, budget: float) -> tuple[float, dict]:
-    """Best wall time of ``aggregate_fit`` over up to ``repeats`` calls (stops after ``budget`` s)."""
-    best, spent = float("inf"), 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        parameters, metrics = strategy.aggregate_fit(1, results, [])
-        elapsed = time.perf_counter() - start
-        best, spent = min(best, elapsed), spent + elapsed
-        assert parameters is not None
-        del parameters
-        if spent >= budget:
-            break
-    return best, metrics
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(field))
 
 
-def peak_extra_bytes(strategy, results) -> tuple[int, int | None]:
-    """Peak bytes numpy allocated during one call (tracemalloc), and the peak resident-set
-    growth (``None`` where ``/proc/self/clear_refs`` cannot reset the high-water mark)."""
+def reset_resident_peak() -> int | None:
+    """Reset the resident-set high-water mark; returns the resident set in KiB (``None``:
+    ``/proc/self/clear_refs`` is not there or not writable)."""
     gc.collect()
     if sys.platform == "linux":
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so the baseline is honest
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
-        rss_before = _status_kib("VmRSS:")
+        return _status_kib("VmRSS:")
     except OSError:
-        rss_before = None
+        return None
+
+
+def timed(strategy, results, repeats: int, budget: float) -> tuple[float, dict, int | None]:
+    """Best wall time of ``aggregate_fit`` over up to ``repeats`` calls (no more once they took
+    ``budget`` s), its metrics, and the largest resident-set growth during a call (bytes)."""
+    best, spent, growth = float("inf"), 0.0, None
+    for _ in range(repeats):
+        resident = reset_resident_peak()
+        start = time.perf_counter()
+        parameters, metrics = strategy.aggregate_fit(1, results, [])
+        elapsed = time.perf_counter() - start
+        if resident is not None:
+            growth = max(growth or 0, (_status_kib("VmHWM:") - resident) * 1024)
+        assert parameters is not None
+        del parameters
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent >= budget:
+            break
+    return best, metrics, growth
+
+
+def numpy_peak_bytes(strategy, results) -> int:
+    """Peak bytes Python and numpy allocated during one more call (tracemalloc; not torch's)."""
+    gc.collect()
     tracemalloc.start()
     baseline, _ = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()
     strategy.aggregate_fit(1, results, [])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss_growth = None if rss_before is None else (_status_kib("VmHWM:") - rss_before) * 1024
-    return peak - baseline, rss_growth
+    return peak - baseline
 
 
 def available_bytes() -> int:
@@ -138,7 +148,7 @@ def available_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run(num_clients: int, repeats: int, budget: float) -> dict[str, float]:
+def run(num_clients: int, repeats: int, budget: float, trace_max: float) -> dict[str, float]:
     """Time every strategy on one round of ``num_clients`` updates and print its table rows.
 
     Returns the seconds per strategy timed (none if the updates alone would not fit).
@@ -161,29 +171,28 @@ def run(num_clients: int, repeats: int, budget: float) -> dict[str, float]:
             skipped[name] = needed
             continue
         strategy.configure_fit(1, ndarrays_to_parameters(global_weights), manager)
-        seconds, metrics = timed(strategy, results, repeats, budget)
-        measured[name] = (seconds, metrics, *peak_extra_bytes(strategy, results))
+        seconds, metrics, resident = timed(strategy, results, repeats, budget)
+        traced = numpy_peak_bytes(strategy, results) if seconds <= trace_max else None
+        measured[name] = (seconds, metrics, traced, resident)
     seconds = {name: values[0] for name, values in measured.items()}
     for name in strategies():
         if name in skipped:
             print(f"| {num_clients} | {name} | skipped: needs ~{skipped[name] / 2**30:.0f} GiB free |")
             continue
-        time_s, metrics, numpy_peak, rss_peak = measured[name]
+        time_s, metrics, traced, resident = measured[name]
         ratios = [
             f"{seconds[TRIMMED] / time_s:.1f}x" if TRIMMED in seconds else "-",
             f"{time_s / seconds[FEDAVG]:.2f}" if FEDAVG in seconds else "-",
         ]
         mask = f"{metrics['mask_fraction']:.1%}" if "mask_fraction" in metrics else "-"
-        rss = "-" if rss_peak is None else f"{rss_peak / 2**20:.0f}"
         cells = [
             str(num_clients),
             name,
             f"{time_s:.3f}",
             *ratios,
             mask,
-            f"{numpy_peak / 2**20:.0f}",
-            f"{numpy_peak / stacked_bytes:.3f}",
-            rss,
+            *(["-", "-"] if traced is None else [f"{traced / 2**20:.0f}", f"{traced / stacked_bytes:.3f}"]),
+            "-" if resident is None else f"{resident / 2**20:.0f}",
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
     return seconds
@@ -194,6 +203,9 @@ def main() -> None:
     parser.add_argument("--clients", default="20,50,100,200", help="comma-separated client counts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of calls after which to stop")
+    parser.add_argument(
+        "--trace-max", type=float, default=20.0, help="slowest call traced once more for numpy's peak"
+    )
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
     print(
@@ -212,7 +224,7 @@ def main() -> None:
     )
     start = time.perf_counter()
     for num_clients in (int(n) for n in args.clients.split(",")):
-        run(num_clients, args.repeats, args.budget)
+        run(num_clients, args.repeats, args.budget, args.trace_max)
         gc.collect()
     print(
         "\nload average at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
