@@ -32,6 +32,13 @@ ENGINES = {
 needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None, reason="the torch engine needs the 'torch' extra"
 )
+needs_numba = pytest.mark.skipif(
+    importlib.util.find_spec("numba") is None, reason="the compiled step needs the 'fast' extra"
+)
+#: The numpy engine's methods, the compiled one only where numba is installed.
+METHOD_NAMES = [
+    pytest.param(name, marks=[needs_numba] if name == "compiled" else []) for name in chunked.METHODS
+]
 ENGINE_NAMES = [pytest.param(name, marks=[needs_torch] if name == "torch" else []) for name in ENGINES]
 
 
@@ -73,7 +80,7 @@ def test_matches_reference_for_every_client_count(num_clients: int) -> None:
             invariant_aggregate(pseudo_gradients, tau, trim_ratio),
             *(
                 chunked.invariant_aggregate(pseudo_gradients, tau, trim_ratio, chunk_bytes=256, method=method)
-                for method in chunked.METHODS
+                for method in ("auto", "network", "sort")
             ),
         ):
             for layer, aggregate in zip(layers, got, strict=True):
@@ -234,7 +241,7 @@ def assert_bit_equal(got: np.ndarray, expected: np.ndarray) -> None:
     )
 
 
-@pytest.mark.parametrize("method", chunked.METHODS)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("num_clients", [20, 50, 100])
 def test_fast_engine_equals_the_reference_bit_for_bit(num_clients: int, method: str) -> None:
     """Same values summed in the same order: identical weights with ties and zeros, no trimming,
@@ -283,6 +290,13 @@ def test_middle_rank_sums_equal_the_reference(num_clients: int) -> None:
     assert not middle_ranks.use_sort(20, 9) and middle_ranks.use_sort(50, 23) and middle_ranks.use_sort(5, 0)
     with pytest.raises(ValueError, match="method must be one of"):
         chunked.invariant_update([values[0]], [[values[0]]], tau=0.6, trim_ratio=0.45, method="heap")
+
+
+def test_compiled_method_without_numba_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "numba", None)  # what an install without the extra looks like
+    weights = [np.zeros(3, dtype=np.float32)]
+    with pytest.raises(ImportError, match=r"pip install 'flwr-invariant\[fast\]'"):
+        chunked.invariant_update(weights, [weights], tau=0.6, trim_ratio=0.45, method="compiled")
 
 
 def test_select_engine_by_backend_name() -> None:

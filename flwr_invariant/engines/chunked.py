@@ -5,20 +5,31 @@ The updates are cut into cache-sized chunks of coordinates, which run in a threa
 chunk, never all at once), the sign votes (counted as bytes), the mask, and the trimmed
 mean only where the mask keeps a coordinate, by the faster method of
 :mod:`.middle_ranks` for the number of clients: a comparator network over client-major
-rows for few clients, a sort of coordinate-major rows for many. Both give the reference's
-weights bit for bit (the same values added in the same order).
+rows for few clients, a sort of coordinate-major rows for many. With numba installed (the
+``fast`` extra), a chunk of a layer whose updates share its dtype is one call of the
+compiled step in :mod:`.compiled` instead.
+
+All give the reference's weights bit for bit (the same values added in the same order),
+for finite inputs (the strategies screen out others). One difference that compares equal:
+where the mask drops a coordinate, the sort and compiled paths keep the global value
+exactly, while the reference subtracts ``lr * (middle sum * 0)``, which turns a global
+``-0.0`` into ``+0.0`` when that sum is negative.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from types import ModuleType
 
 import numpy as np
 
 from ..aggregate import median_of, min_votes, trim_count
+from ..extras import require
 from .middle_ranks import network_middle_sum, sorted_middle_sum, use_sort
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "METHODS", "invariant_aggregate", "invariant_update"]
@@ -26,8 +37,19 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "METHODS", "invariant_aggregate", "invariant_u
 # Bytes of client values held per chunk (N rows x chunk coordinates); fits in L2/L3.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 
-# How the middle ranks are found: "auto" picks the faster of the two for the client count.
-METHODS = ("auto", "network", "sort")
+# How a chunk is aggregated: "auto" is "compiled" where numba is installed and it applies,
+# else the faster of "network" and "sort" for the number of clients.
+METHODS = ("auto", "network", "sort", "compiled")
+
+
+@cache
+def compiled_module() -> ModuleType | None:
+    """:mod:`.compiled` if numba is installed, else ``None``."""
+    if importlib.util.find_spec("numba") is None:
+        return None
+    from . import compiled
+
+    return compiled
 
 
 def invariant_aggregate(
@@ -102,7 +124,12 @@ class _ChunkEngine:
         self.num_clients = num_clients
         self.trim = trim_count(num_clients, trim_ratio)
         self.min_votes = min_votes(num_clients, tau)
-        self.sort = use_sort(num_clients, self.trim) if method == "auto" else method == "sort"
+        self.sort = use_sort(num_clients, self.trim) if method in ("auto", "compiled") else method == "sort"
+        self.compiled = None
+        if method == "compiled":
+            require("numba", "fast", 'method="compiled"')
+        if method in ("auto", "compiled"):
+            self.compiled = compiled_module()
         # Sign counts add up as bytes up to 255 clients.
         self.count_dtype = np.min_scalar_type(num_clients)
         self.num_threads = num_threads or min(os.cpu_count() or 1, 8)
@@ -125,7 +152,7 @@ class _ChunkEngine:
         ``reference - client`` (clients read as the reference's dtype) and the result
         is ``reference - lr * aggregate``. Returns ``(result, kept_coordinates)`` per job.
         """
-        tasks = []
+        tasks: list[tuple[Callable[..., int], tuple, int]] = []
         outputs = []
         for arrays, reference, learning_rate in jobs:
             template = reference if reference is not None else arrays[0]
@@ -135,19 +162,48 @@ class _ChunkEngine:
             flat_ref = None if reference is None else np.ravel(reference)
             out = np.empty(flats[0].size, dtype=dtype)
             outputs.append((out, template.shape))
+            addresses = self._compiled_addresses(flats, flat_ref)
             step = self.step_for(dtype)
             for start in range(0, out.size, step):
                 window = slice(start, min(start + step, out.size))
-                tasks.append((flats, flat_ref, learning_rate, out, window, len(outputs) - 1))
+                if addresses is None:
+                    run, args = self._run_chunk, (flats, flat_ref, learning_rate, out, window)
+                else:
+                    run, args = self._run_compiled, (addresses, flats, flat_ref, learning_rate, out, window)
+                tasks.append((run, args, len(outputs) - 1))
         kept = [0] * len(outputs)
         if self.num_threads > 1 and len(tasks) > 1:
             with ThreadPoolExecutor(self.num_threads) as pool:
-                counts = list(pool.map(self._run_chunk, tasks))
+                counts = list(pool.map(lambda task: task[0](*task[1]), tasks))
         else:
-            counts = [self._run_chunk(task) for task in tasks]
+            counts = [run(*args) for run, args, _ in tasks]
         for task, count in zip(tasks, counts, strict=True):
             kept[task[-1]] += count
         return [(out.reshape(shape), kept[i]) for i, (out, shape) in enumerate(outputs)]
+
+    def _compiled_addresses(self, flats: list[np.ndarray], flat_ref: np.ndarray | None) -> np.ndarray | None:
+        """The clients' data addresses if the compiled step applies to this layer, else ``None``."""
+        if self.compiled is None or flat_ref is None or flat_ref.dtype not in (np.float32, np.float64):
+            return None
+        if not all(f.dtype == flat_ref.dtype and f.flags.c_contiguous for f in flats):
+            return None
+        return self.compiled.pointers(flats)
+
+    def _run_compiled(
+        self,
+        addresses: np.ndarray,
+        flats: list[np.ndarray],  # unused: held so that the addresses stay valid
+        flat_ref: np.ndarray,
+        learning_rate: float,
+        out: np.ndarray,
+        window: slice,
+    ) -> int:
+        low, high, kind = self.compiled.network_arrays(self.num_clients, self.trim)
+        start, stop = window.start, window.stop
+        votes, trim = self.min_votes, self.trim
+        return self.compiled.update_window(
+            flat_ref, addresses, start, stop, low, high, kind, trim, votes, learning_rate, out
+        )
 
     def _scratch(self, dtype: np.dtype) -> threading.local:
         """This thread's reusable buffers, one chunk long.
@@ -171,8 +227,14 @@ class _ChunkEngine:
             buffers.sums = np.empty((2, length), dtype=np.float64)
         return buffers
 
-    def _run_chunk(self, task: tuple) -> int:
-        flats, flat_ref, learning_rate, out, window, _ = task
+    def _run_chunk(
+        self,
+        flats: list[np.ndarray],
+        flat_ref: np.ndarray | None,
+        learning_rate: float,
+        out: np.ndarray,
+        window: slice,
+    ) -> int:
         size = window.stop - window.start
         buffers = self._scratch(out.dtype)
         values = buffers.values[: self.num_clients, :size]
