@@ -5,15 +5,18 @@ state dicts with torchvision's real layer shapes, 11.19 M values each) in one pr
 Each client's update is a direction shared by all clients plus its own noise of the same
 scale, so clients agree on the sign of some coordinates and not others. Prints a Markdown
 table: each ``aggregate_fit`` time (best of ``--repeats`` calls, fewer once a strategy's
-calls have taken ``--budget`` seconds), its ratios to ``FedTrimmedAvg`` and ``FedAvg``, the
-share of coordinates the mask kept, and the peak extra memory: what Python and numpy
-allocated during one more call (tracemalloc, not run for calls slower than
+calls have taken ``--budget`` seconds; the strategies take turns, so that they share the
+machine's load alike), the process CPU time of that call, its ratios to ``FedTrimmedAvg``
+and ``FedAvg``, the share of coordinates the mask kept, and the peak extra memory: what
+Python and numpy allocated during one more call (tracemalloc, skipped for calls slower than
 ``--trace-max`` s; also relative to the stacked updates), and the largest growth of the
 process's resident set during a timed call (which also sees torch's allocations).
-``tau=0`` keeps every coordinate: the slowest case for invariant aggregation. A strategy
-whose memory would not fit is skipped.
 
-    python benchmarks/aggregation.py [--clients 20,50,100,200] [--repeats 3] [--budget 60]
+The numpy engine runs with its compiled step where numba (the ``fast`` extra) is installed,
+and again without it ("numpy only"). ``tau=0`` keeps every coordinate: the slowest case for
+invariant aggregation. A strategy whose memory would not fit is skipped.
+
+    python benchmarks/aggregation.py [--clients 20,50,100,200] [--repeats 3] [--only numpy,FedAvg]
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import platform
 import sys
 import time
 import tracemalloc
+from dataclasses import dataclass, field
+from unittest import mock
 
 import numpy as np
 import torch
@@ -37,9 +42,9 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from flwr_invariant import InvariantAggregation
+from flwr_invariant.engines import chunked
 
 TRIMMED, FEDAVG = "FedTrimmedAvg(beta=0.45)", "FedAvg"
-INVARIANT = "InvariantAggregation (numpy)"
 
 # Peak extra memory of each strategy in stacked updates (measured at 20 clients, rounded up),
 # to skip the ones that would not fit; the rest need less than one client's update more.
@@ -76,17 +81,37 @@ def resnet18_round(num_clients: int, seed: int = 0):
     return global_weights, results
 
 
-def strategies() -> dict:
-    """The strategies timed, by row label."""
+class NumpyOnly:
+    """A strategy whose numpy engine runs without its compiled step, as without the ``fast`` extra."""
+
+    def __init__(self, strategy) -> None:
+        self.strategy = strategy
+
+    def configure_fit(self, *args):
+        return self.strategy.configure_fit(*args)
+
+    def aggregate_fit(self, *args):
+        with mock.patch.object(chunked, "compiled_module", return_value=None):
+            return self.strategy.aggregate_fit(*args)
+
+
+def strategies(only: str = "") -> dict:
+    """The strategies timed, by row label (``only``: comma-separated parts of the labels to keep)."""
     device = "GPU" if torch.cuda.is_available() else "CPU"
-    return {
-        INVARIANT: InvariantAggregation(),
-        "InvariantAggregation (numpy, tau=0)": InvariantAggregation(tau=0.0),
+    numpy = "numpy + numba" if chunked.compiled_module() else "numpy"
+    every = {
+        f"InvariantAggregation ({numpy})": InvariantAggregation(),
+        f"InvariantAggregation ({numpy}, tau=0)": InvariantAggregation(tau=0.0),
+        "InvariantAggregation (numpy only)": NumpyOnly(InvariantAggregation()),
         f"InvariantAggregation (torch, {device})": InvariantAggregation(backend="torch"),
         FEDAVG: FedAvg(),
         TRIMMED: FedTrimmedAvg(beta=0.45),
         "FedMedian": FedMedian(),
     }
+    if numpy == "numpy":
+        del every["InvariantAggregation (numpy only)"]
+    parts = [part for part in only.split(",") if part]
+    return {name: every[name] for name in every if not parts or any(part in name for part in parts)}
 
 
 def _status_kib(field: str) -> int:
@@ -108,23 +133,28 @@ def reset_resident_peak() -> int | None:
         return None
 
 
-def timed(strategy, results, repeats: int, budget: float) -> tuple[float, dict, int | None]:
-    """Best wall time of ``aggregate_fit`` over up to ``repeats`` calls (no more once they took
-    ``budget`` s), its metrics, and the largest resident-set growth during a call (bytes)."""
-    best, spent, growth = float("inf"), 0.0, None
-    for _ in range(repeats):
-        resident = reset_resident_peak()
-        start = time.perf_counter()
+@dataclass
+class Timing:
+    """The calls of one strategy: best wall time, CPU time of that call, largest resident growth."""
+
+    seconds: float = float("inf")
+    cpu_seconds: float = float("nan")
+    spent: float = 0.0
+    resident: int | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def call(self, strategy, results) -> None:
+        """One timed ``aggregate_fit``."""
+        before = reset_resident_peak()
+        start, cpu_start = time.perf_counter(), time.process_time()
         parameters, metrics = strategy.aggregate_fit(1, results, [])
-        elapsed = time.perf_counter() - start
-        if resident is not None:
-            growth = max(growth or 0, (_status_kib("VmHWM:") - resident) * 1024)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if before is not None:
+            self.resident = max(self.resident or 0, (_status_kib("VmHWM:") - before) * 1024)
         assert parameters is not None
-        del parameters
-        best, spent = min(best, elapsed), spent + elapsed
-        if spent >= budget:
-            break
-    return best, metrics, growth
+        self.spent += elapsed
+        if elapsed < self.seconds:
+            self.seconds, self.cpu_seconds, self.metrics = elapsed, cpu, metrics
 
 
 def numpy_peak_bytes(strategy, results) -> int:
@@ -148,7 +178,7 @@ def available_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run(num_clients: int, repeats: int, budget: float, trace_max: float) -> dict[str, float]:
+def run(num_clients: int, repeats: int, budget: float, trace_max: float, only: str) -> dict[str, float]:
     """Time every strategy on one round of ``num_clients`` updates and print its table rows.
 
     Returns the seconds per strategy timed (none if the updates alone would not fit).
@@ -163,39 +193,46 @@ def run(num_clients: int, repeats: int, budget: float, trace_max: float) -> dict
     manager = SimpleClientManager()
     for proxy, _ in results:
         manager.register(proxy)
-    measured: dict[str, tuple] = {}
+    timings: dict[str, Timing] = {}
     skipped: dict[str, float] = {}
-    for name, strategy in strategies().items():
+    chosen = strategies(only)
+    for name, strategy in chosen.items():
         needed = MEMORY_FACTORS.get(name, 0.0) * stacked_bytes + margin
         if needed > available_bytes():
             skipped[name] = needed
             continue
         strategy.configure_fit(1, ndarrays_to_parameters(global_weights), manager)
-        seconds, metrics, resident = timed(strategy, results, repeats, budget)
-        traced = numpy_peak_bytes(strategy, results) if seconds <= trace_max else None
-        measured[name] = (seconds, metrics, traced, resident)
-    seconds = {name: values[0] for name, values in measured.items()}
-    for name in strategies():
+        timings[name] = Timing()
+    for _ in range(repeats):
+        for name, timing in timings.items():
+            if timing.spent < budget:
+                timing.call(chosen[name], results)
+    traced = {
+        name: numpy_peak_bytes(chosen[name], results) for name, t in timings.items() if t.seconds <= trace_max
+    }
+    for name in chosen:
         if name in skipped:
             print(f"| {num_clients} | {name} | skipped: needs ~{skipped[name] / 2**30:.0f} GiB free |")
             continue
-        time_s, metrics, traced, resident = measured[name]
+        t = timings[name]
         ratios = [
-            f"{seconds[TRIMMED] / time_s:.1f}x" if TRIMMED in seconds else "-",
-            f"{time_s / seconds[FEDAVG]:.2f}" if FEDAVG in seconds else "-",
+            f"{timings[TRIMMED].seconds / t.seconds:.1f}x" if TRIMMED in timings else "-",
+            f"{t.seconds / timings[FEDAVG].seconds:.2f}" if FEDAVG in timings else "-",
         ]
-        mask = f"{metrics['mask_fraction']:.1%}" if "mask_fraction" in metrics else "-"
+        mask = f"{t.metrics['mask_fraction']:.1%}" if "mask_fraction" in t.metrics else "-"
+        peak = traced.get(name)
         cells = [
             str(num_clients),
             name,
-            f"{time_s:.3f}",
+            f"{t.seconds:.3f}",
+            f"{t.cpu_seconds:.2f}",
             *ratios,
             mask,
-            *(["-", "-"] if traced is None else [f"{traced / 2**20:.0f}", f"{traced / stacked_bytes:.3f}"]),
-            "-" if resident is None else f"{resident / 2**20:.0f}",
+            *(["-", "-"] if peak is None else [f"{peak / 2**20:.0f}", f"{peak / stacked_bytes:.3f}"]),
+            "-" if t.resident is None else f"{t.resident / 2**20:.0f}",
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
-    return seconds
+    return {name: t.seconds for name, t in timings.items()}
 
 
 def main() -> None:
@@ -206,6 +243,7 @@ def main() -> None:
     parser.add_argument(
         "--trace-max", type=float, default=20.0, help="slowest call traced once more for numpy's peak"
     )
+    parser.add_argument("--only", default="", help="comma-separated parts of the strategy labels to run")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
     print(
@@ -215,16 +253,18 @@ def main() -> None:
     )
     if torch.cuda.is_available():
         print(f"gpu: {torch.cuda.get_device_name(0)}")
+    compiled = chunked.compiled_module()
+    print(f"numba {compiled.numba.__version__} (the 'fast' extra)" if compiled else "numba: not installed")
     print(f"command: python {' '.join(sys.argv)}")
     print("load average at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(
-        "\n| clients | strategy | aggregate_fit s | FedTrimmedAvg / this | this / FedAvg | mask kept "
-        "| numpy peak MiB | x stacked | RSS peak MiB |\n|---|---|---|---|---|---|---|---|---|",
+        "\n| clients | strategy | aggregate_fit s | CPU s | FedTrimmedAvg / this | this / FedAvg | mask kept "
+        "| numpy peak MiB | x stacked | RSS peak MiB |\n|---|---|---|---|---|---|---|---|---|---|",
         flush=True,
     )
     start = time.perf_counter()
     for num_clients in (int(n) for n in args.clients.split(",")):
-        run(num_clients, args.repeats, args.budget, args.trace_max)
+        run(num_clients, args.repeats, args.budget, args.trace_max, args.only)
         gc.collect()
     print(
         "\nload average at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
