@@ -287,7 +287,7 @@ def test_middle_rank_sums_equal_the_reference(num_clients: int) -> None:
         assert_bit_equal(middle_ranks.network_middle_sum(list(values.copy()), trim, scratch, total), expected)
         columns = np.ascontiguousarray(values.T)
         assert_bit_equal(middle_ranks.sorted_middle_sum(columns, trim, np.empty(257)), expected)
-    assert not middle_ranks.use_sort(20, 9) and middle_ranks.use_sort(50, 23) and middle_ranks.use_sort(5, 0)
+    assert not middle_ranks.use_sort(10, 5) and middle_ranks.use_sort(20, 9) and middle_ranks.use_sort(5, 0)
     with pytest.raises(ValueError, match="method must be one of"):
         chunked.invariant_update([values[0]], [[values[0]]], tau=0.6, trim_ratio=0.45, method="heap")
 
