@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flwr_invariant.aggregate import (
+    _middle_sum,
     and_mask,
     coordinate_median,
     invariant_aggregate,
@@ -18,7 +19,7 @@ from flwr_invariant.aggregate import (
     trim_count,
     trimmed_mean,
 )
-from flwr_invariant.engines import chunked, select_engine, torch_sort
+from flwr_invariant.engines import chunked, middle_ranks, select_engine, torch_sort
 
 #: Every ``invariant_aggregate`` implementation: the readable reference and the fast engine.
 AGGREGATES = {"reference": invariant_aggregate, "chunked": chunked.invariant_aggregate}
@@ -31,6 +32,13 @@ ENGINES = {
 needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None, reason="the torch engine needs the 'torch' extra"
 )
+needs_numba = pytest.mark.skipif(
+    importlib.util.find_spec("numba") is None, reason="the compiled step needs the 'fast' extra"
+)
+#: The numpy engine's methods, the compiled one only where numba is installed.
+METHOD_NAMES = [
+    pytest.param(name, marks=[needs_numba] if name == "compiled" else []) for name in chunked.METHODS
+]
 ENGINE_NAMES = [pytest.param(name, marks=[needs_torch] if name == "torch" else []) for name in ENGINES]
 
 
@@ -70,7 +78,10 @@ def test_matches_reference_for_every_client_count(num_clients: int) -> None:
         pseudo_gradients = [[layer[i] for layer in layers] for i in range(num_clients)]
         for got in (
             invariant_aggregate(pseudo_gradients, tau, trim_ratio),
-            chunked.invariant_aggregate(pseudo_gradients, tau, trim_ratio, chunk_bytes=256),
+            *(
+                chunked.invariant_aggregate(pseudo_gradients, tau, trim_ratio, chunk_bytes=256, method=method)
+                for method in ("auto", "network", "sort")
+            ),
         ):
             for layer, aggregate in zip(layers, got, strict=True):
                 assert aggregate.dtype == np.float32 and aggregate.shape == layer.shape[1:]
@@ -221,31 +232,71 @@ def test_invariant_aggregation_gets_both_coordinates_right(invariant_aggregate) 
     assert combined[1] == 0.0  # no benign consensus: masked, the attacker gains nothing
 
 
-@pytest.mark.parametrize("num_clients", [20, 100])
-def test_fast_engine_equals_the_reference_bit_for_bit(num_clients: int) -> None:
-    """Same values summed in the same order: identical weights, ties, zeros and BatchNorm-style layers."""
+def assert_bit_equal(got: np.ndarray, expected: np.ndarray) -> None:
+    """Same dtype, shape and bytes (so ``-0.0`` differs from ``0.0``)."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(
+        np.ascontiguousarray(got).reshape(-1).view(np.uint8),
+        np.ascontiguousarray(expected).reshape(-1).view(np.uint8),
+    )
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("num_clients", [20, 50, 100])
+def test_fast_engine_equals_the_reference_bit_for_bit(num_clients: int, method: str) -> None:
+    """Same values summed in the same order: identical weights with ties and zeros, no trimming,
+    float64 updates of a float32 layer, and median (BatchNorm-style and integer) layers."""
     rng = np.random.default_rng(num_clients)
     global_weights = [
         rng.standard_normal((30, 7)).astype(np.float32),
         rng.standard_normal(12).astype(np.float32),  # a "running statistic": median
         np.array(5, dtype=np.int64),
+        rng.standard_normal(9).astype(np.float32),  # updated in float64 by the clients
+        np.zeros(4, dtype=np.float32),  # the global value -0.0 and +0.0 updates give -0.0 steps
     ]
+    global_weights[4][:2] = -0.0
     clients = [
         [
             global_weights[0] - random_updates(rng, 1, (30, 7))[0],
             rng.standard_normal(12).astype(np.float32),
             np.array(int(rng.integers(0, 9)), dtype=np.int64),
+            global_weights[3] + 1e-9 * rng.standard_normal(9),
+            np.zeros(4, dtype=np.float32),
         ]
         for _ in range(num_clients)
     ]
-    for tau in (0.0, 0.6, 0.9):
-        kwargs = {"tau": tau, "trim_ratio": 0.45, "server_learning_rate": 0.7, "median_layers": {1}}
+    for tau, trim_ratio in [(0.0, 0.45), (0.6, 0.45), (0.9, 0.45), (0.6, 0.1), (0.3, 0.0)]:
+        kwargs = {"tau": tau, "trim_ratio": trim_ratio, "server_learning_rate": 0.7, "median_layers": {1}}
         expected, expected_mask = invariant_update(global_weights, clients, **kwargs)
-        got, mask = chunked.invariant_update(global_weights, clients, chunk_bytes=4096, **kwargs)
+        got, mask = chunked.invariant_update(
+            global_weights, clients, chunk_bytes=4096, num_threads=2, method=method, **kwargs
+        )
         assert mask == expected_mask
         for a, b in zip(got, expected, strict=True):
-            assert a.dtype == b.dtype
-            np.testing.assert_array_equal(a, b)
+            assert_bit_equal(a, b)
+
+
+@pytest.mark.parametrize("num_clients", [20, 50, 100])
+def test_middle_rank_sums_equal_the_reference(num_clients: int) -> None:
+    """Both selection methods add the same middle values in the same order as the reference."""
+    rng = np.random.default_rng(num_clients + 1)
+    values = random_updates(rng, num_clients, (257,))
+    for trim in (0, 1, trim_count(num_clients, 0.45)):
+        expected = _middle_sum(values, trim)
+        scratch, total = np.empty(257, np.float32), np.empty(257)
+        assert_bit_equal(middle_ranks.network_middle_sum(list(values.copy()), trim, scratch, total), expected)
+        columns = np.ascontiguousarray(values.T)
+        assert_bit_equal(middle_ranks.sorted_middle_sum(columns, trim, np.empty(257)), expected)
+    assert not middle_ranks.use_sort(10, 5) and middle_ranks.use_sort(20, 9) and middle_ranks.use_sort(5, 0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        chunked.invariant_update([values[0]], [[values[0]]], tau=0.6, trim_ratio=0.45, method="heap")
+
+
+def test_compiled_method_without_numba_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "numba", None)  # what an install without the extra looks like
+    weights = [np.zeros(3, dtype=np.float32)]
+    with pytest.raises(ImportError, match=r"pip install 'flwr-invariant\[fast\]'"):
+        chunked.invariant_update(weights, [weights], tau=0.6, trim_ratio=0.45, method="compiled")
 
 
 def test_select_engine_by_backend_name() -> None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "ray", "sklearn", "matplotlib", "tqdm", "yaml")
+HEAVY = ("torch", "torchvision", "ray", "sklearn", "matplotlib", "tqdm", "yaml", "numba")
 BLOCK = f"import sys\nfor name in {HEAVY!r}:\n    sys.modules[name] = None  # import raises ImportError\n"
 
 

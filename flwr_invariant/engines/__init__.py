@@ -4,7 +4,10 @@ Every engine is called as ``engine(global_weights, client_weights, *, tau,
 trim_ratio, server_learning_rate=1.0, median_layers=())`` and returns
 ``(new_weights, mask_fraction)``; each is tested against the reference.
 
-- ``"numpy"``: :mod:`.chunked`, comparator networks over cache-sized chunks in threads (the default);
+- ``"numpy"`` (the default): :mod:`.chunked`, cache-sized chunks in threads; the middle ranks by a
+  comparator network for few clients, by sorting each coordinate's values for many
+  (:mod:`.middle_ranks`); with numba installed (the ``fast`` extra), one compiled call per chunk
+  (:mod:`.compiled`);
 - ``"torch"``: :mod:`.torch_sort`, ``torch.sort`` on a CUDA GPU, else the CPU (needs the
   ``torch`` extra; selecting it without torch raises ``ImportError`` naming the extra);
 - ``"auto"``: torch on a CUDA GPU when there is one, numpy otherwise;
