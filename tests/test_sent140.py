@@ -26,6 +26,7 @@ from simulation.__main__ import main as cli
 from simulation.client_app import make_client_app
 from simulation.config import resolve_config
 from simulation.data import check_task_files, load_partitions, load_task
+from simulation.grid import load_grid, run_grid
 from simulation.models import TextLSTM, build_model
 from simulation.partition import user_partition
 from simulation.pretrain import PRETRAIN_KEYS, cache_file
@@ -343,10 +344,17 @@ def test_cli_run_two_rounds_records_both_accuracies(data_root: Path, tmp_path: P
     assert meta["completed"] and meta["run"]["model"] == "lstm" and meta["run"]["partition"] == "user"
 
 
-def test_missing_file_stops_the_cli_before_any_run(tmp_path: Path) -> None:
+def test_missing_file_stops_the_cli_and_grids_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("simulation.grid.run_into", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(SystemExit, match=r"edge-case file not found: .*greek-director/train\.txt"):
         cli(["run", "--out", str(tmp_path / "run"), "--set", "task=sent140", f"data-root={tmp_path}"])
     assert not (tmp_path / "run").exists()
+    grid = tmp_path / "g.toml"
+    grid.write_text(f'output = "{tmp_path / "out"}"\n[base]\ntask = "sent140"\ndata-root = "{tmp_path}"\n')
+    with pytest.raises(FileNotFoundError, match=r"greek-director/train\.txt"):
+        run_grid(load_grid(grid))
 
 
 def test_every_defense_aggregates_the_lstm(data_root: Path) -> None:
