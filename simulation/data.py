@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 from .config import resolve_data_root
 from .partition import partition_indices
 from .safe_pickle import load_numpy_pickle
-from .sent140 import check_sent140_files, load_sent140
+from .sent140 import check_sent140_files, download_sentiment140, load_sent140
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -274,13 +274,19 @@ def check_task_files(config: Mapping[str, Any]) -> None:
     """Fail early, before any work, when the task's data root or sent140's files are missing.
 
     ``FileNotFoundError`` naming the setting or the file and where it comes from
-    (the other tasks' files are checked as they load).
+    (the other tasks' files are checked as they load). On sent140 with ``download``,
+    Sentiment140 is downloaded here when absent, so a failed download stops the run
+    before it starts.
     """
     if config["task"] == "linear":
         return
+    if config["task"] == "sent140" and config["download"] and config["data-root"]:
+        Path(str(config["data-root"])).expanduser().mkdir(parents=True, exist_ok=True)
     root = resolve_data_root(config)
     if config["task"] == "sent140":
         check_sent140_files(root, download=bool(config["download"]))
+        if config["download"]:
+            download_sentiment140(root)
 
 
 @lru_cache(maxsize=4)

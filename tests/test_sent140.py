@@ -148,9 +148,9 @@ def test_missing_files_name_the_path_and_the_source(tmp_path: Path) -> None:
         check_task_files(setting)
     with pytest.raises(FileNotFoundError, match=expected):
         load_task(setting)
-    check_task_files({**setting, "download": True})  # with download = true the file may come later
 
 
+@needs_greek
 def test_download_fails_clearly_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
@@ -159,6 +159,11 @@ def test_download_fails_clearly_offline(tmp_path: Path, monkeypatch: pytest.Monk
     expected = f"not found at {re.escape(str(tmp_path))}.*download from {re.escape(SENT140_URL)} failed"
     with pytest.raises(FileNotFoundError, match=expected):
         download_sentiment140(tmp_path)
+    link_edge_case(tmp_path, DATA_ROOT / "edge-case")  # the CLI downloads before anything starts
+    with pytest.raises(SystemExit, match=expected):
+        cli(["run", "--out", str(tmp_path / "run"), "--set", "task=sent140", f"data-root={tmp_path}",
+             "download=true"])  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_settings_fail_before_any_work() -> None:
