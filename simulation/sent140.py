@@ -192,7 +192,9 @@ def download_sentiment140(data_root: str | Path) -> Path:
 
 
 def _test_rows(users: np.ndarray, size: int) -> np.ndarray:
-    """Rows of whole users in a fixed random order, until at least ``size`` rows (sorted)."""
+    """Rows of whole users taken in a fixed random order until there are at least ``size`` (sorted).
+
+    ``users``: int64 ``(N,)`` codes ``0..U-1``; returns int64 row indices."""
     order = np.argsort(users, kind="stable")
     counts = np.bincount(users)
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -206,11 +208,14 @@ def _test_rows(users: np.ndarray, size: int) -> np.ndarray:
     return np.sort(np.concatenate([order[starts[u] : starts[u + 1]] for u in chosen[:enough]]))
 
 
-def _train_rows(candidates: np.ndarray, size: int, seed: int, texts: list[str]) -> tuple[np.ndarray, list]:
+def _train_rows(
+    candidates: np.ndarray, size: int, seed: int, texts: list[str]
+) -> tuple[np.ndarray, list[list[str]]]:
     """``size`` (0: all) candidate rows with a token (a ``seed``-ed random choice), and their tokens."""
     if size:
         candidates = candidates[np.random.default_rng([seed, 0x5B5E7]).permutation(len(candidates))]
-    rows, tokens = [], []
+    rows: list[int] = []
+    tokens: list[list[str]] = []
     for row in candidates.tolist():
         words = tokenize(texts[row])
         if words:
@@ -252,7 +257,7 @@ def load_sent140(
         "tweets cut to %d tokens", len(train_rows), len(test_rows), len(vocabulary), 100 * truncated,
         seq_length)  # fmt: skip
 
-    def ids(tokens: list) -> torch.Tensor:
+    def ids(tokens: list[list[str]]) -> torch.Tensor:
         return torch.from_numpy(encode(tokens, vocabulary, seq_length))
 
     return Sent140(
