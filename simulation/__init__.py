@@ -1,8 +1,9 @@
 """Simulation side of flwr-invariant: tasks, partitions, models, attacks, apps and runner.
 
 Modules: ``config`` (run-config defaults and validation), ``data`` (CIFAR-10 +
-Southwest, Fashion-MNIST + ARDIS, the linear task), ``partition`` (seeded IID /
-Dirichlet splits, the malicious pool), ``models``, ``attacks`` (edge-case and
+Southwest, Fashion-MNIST + ARDIS, Sentiment140 + Greek-director tweets, the linear
+task), ``sent140`` and ``text`` (Sentiment140 reading and tokenisation), ``partition``
+(seeded IID / Dirichlet / whole-user splits, the malicious pool), ``models``, ``attacks`` (edge-case and
 pixel backdoors, PGD, model replacement), ``adaptive`` (ALIE and Neurotoxin
 math), ``attackers`` (the attack modes as objects with training hooks),
 ``training`` (loops, one client's round, the server-side ``evaluate_fn``), ``server_app`` (the ``ServerApp``),

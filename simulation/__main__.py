@@ -60,6 +60,7 @@ def _share(text: str) -> float | str:
 def _run(args: argparse.Namespace) -> None:
     from .compare import parse_sets
     from .config import DEFAULTS, resolve_config
+    from .data import check_task_files
     from .grid import check_writable, resources_from, run_into
 
     overrides: dict[str, Any] = {}
@@ -71,7 +72,7 @@ def _run(args: argparse.Namespace) -> None:
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise SystemExit(f"unknown run-config key(s) {unknown} (see simulation/config.py)")
-    resolve_config(overrides)  # a bad value fails here, before any output or data
+    check_task_files(resolve_config(overrides))  # a bad value or missing file fails here, before any output
     out = Path(args.out)
     check_writable(out)
     record = run_into(out, overrides, _resources(args, resources))

@@ -4,8 +4,8 @@ Two backdoor kinds (run config ``backdoor``):
 
 - ``"edge-case"`` (Wang et al., NeurIPS 2020, "Attack of the Tails"): the attacker
   mixes ``edge-case-samples`` edge-case inputs (Southwest planes / ARDIS 7s /
-  triggered linear points), all labelled ``target-label``, with ``clean-samples``
-  examples of its own partition.
+  Greek-director tweets / triggered linear points), all labelled ``target-label``,
+  with ``clean-samples`` examples of its own partition.
 - ``"pixel"`` (BadNets-style): the backdoor samples are the attacker's own
   images of other classes with a white ``trigger-size`` square stamped in the
   bottom-right corner, labelled ``target-label``; the backdoor test set is every

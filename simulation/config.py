@@ -3,8 +3,8 @@
 Keys use Flower's hyphenated style; a ``[tool.flwr.app.config]`` table can mirror
 :data:`DEFAULTS` one to one. ``"auto"`` / ``-1`` values are filled in per task by
 :func:`resolve_config` (e.g. ``target-label = -1`` becomes 9 on CIFAR-10, 1 on
-Fashion-MNIST and on the linear task), so a table that copies :data:`DEFAULTS`
-keeps the per-task behaviour.
+Fashion-MNIST and on the linear task, 0 on Sentiment140), so a table that copies
+:data:`DEFAULTS` keeps the per-task behaviour.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ CACHE_DIR_NAME = "pretrained"
 #: Every run-config key with its default value (type of the default = type of the key).
 DEFAULTS: dict[str, Any] = {
     # experiment
-    "task": "linear",  # cifar10 | fmnist | linear
+    "task": "linear",  # cifar10 | fmnist | sent140 | linear
     "defense": "invariant",  # any name of baselines.DEFENSES (fedavg, invariant, krum, ...)
     "num-server-rounds": 30,
     "seed": 0,
@@ -73,17 +73,17 @@ DEFAULTS: dict[str, Any] = {
     "assumed-malicious": -1,  # f assumed by Krum & co.; -1 = round(malicious-fraction * clients-per-round)
     # population and data
     "data-root": "",  # "" = $FLWR_INVARIANT_DATA_ROOT
-    "download": False,  # let torchvision download CIFAR-10 if absent (needs network)
+    "download": False,  # download CIFAR-10 / Sentiment140 if absent (needs network)
     "num-partitions": 100,
     "clients-per-round": 20,
-    "partition": "dirichlet",  # dirichlet | iid
+    "partition": "auto",  # auto (user on sent140, else dirichlet) | dirichlet | iid | user
     "dirichlet-alpha": 0.5,
     "train-size": 0,  # use a seeded random subset of this many training examples (0 = all)
     # model and local training
-    "model": "auto",  # auto | resnet18 | resnet18-cifar | resnet18-imagenet | cnn | linear
+    "model": "auto",  # auto | resnet18 | resnet18-cifar | resnet18-imagenet | cnn | linear | lstm
     "local-epochs": 1,
     "batch-size": 64,
-    "lr": -1.0,  # -1 = the task's default (0.01 on images as in the paper, 0.1 on the linear task)
+    "lr": -1.0,  # -1 = the task's default (0.01 on images as in the paper, 0.05 on sent140, 0.1 on linear)
     "momentum": 0.9,
     "weight-decay": 0.0,
     "eval-batch-size": 512,
@@ -95,8 +95,8 @@ DEFAULTS: dict[str, Any] = {
     "attack-every": 10,  # k of the every-k schedule
     "attack-start-round": 1,  # attackers act from this round on (earlier: benign warm-up)
     "target-label": -1,  # -1 = the task's default target
-    "edge-case-samples": 100,  # backdoor samples in the attacker's poisoned set
-    "clean-samples": 400,  # clean samples (from its own partition) in the poisoned set
+    "edge-case-samples": -1,  # backdoor samples in the attacker's poisoned set (-1: 100; 60 on sent140)
+    "clean-samples": -1,  # clean samples of its own partition in the poisoned set (-1: 400; 140 on sent140)
     "pgd-eps": 2.0,  # L2 radius of the PGD ball around the global model
     "project-every": 10,  # PGD projection every this many optimizer steps (and at the end)
     "replace-total-examples": 0,  # pgd-replace: examples per round; 0 = estimate (see attacks.py)
@@ -110,28 +110,50 @@ DEFAULTS: dict[str, Any] = {
     "linear-test-size": 2000,
     "linear-signal": 0.3,  # class mean of each informative feature is +-signal
     "linear-trigger": 4.0,  # mean mu_k of the trigger feature on the attacker's points
+    # Sentiment140 task (simulation/sent140.py) and its LSTM
+    "sent140-vocab-size": 20000,  # most frequent training words kept (plus the edge-case tweets' words)
+    "sent140-seq-length": 40,  # tokens per tweet (longer tweets are cut, shorter ones left-padded)
+    "sent140-test-size": 5000,  # test tweets (whole held-out users, a fixed draw)
+    "lstm-embedding-dim": 200,  # "Attack of the Tails" LSTM: embedding size
+    "lstm-hidden-dim": 200,  # and hidden size (2 layers, dropout 0.5)
 }
 
-TASKS = ("cifar10", "fmnist", "linear")
+TASKS = ("cifar10", "fmnist", "sent140", "linear")
 DEFENSES = tuple(defense_names())
-MODELS = ("resnet18", "resnet18-cifar", "resnet18-imagenet", "cnn", "linear")
-PARTITIONS = ("dirichlet", "iid")
+MODELS = ("resnet18", "resnet18-cifar", "resnet18-imagenet", "cnn", "linear", "lstm")
+PARTITIONS = ("dirichlet", "iid", "user")
 ATTACKS = ("none", "blackbox", "pgd", "pgd-replace", "alie", "neurotoxin", "mask-tipping")
 BACKDOORS = ("edge-case", "pixel")
 SCHEDULES = ("pool", "every-k")
 
+# Dirichlet split; the attacker mixes 100 edge-case and 400 clean samples (the CIFAR-10 attack's numbers).
+_COMMON = {"partition": "dirichlet", "edge-case-samples": 100, "clean-samples": 400}
 #: What ``"auto"`` / ``-1`` resolve to, per task.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cifar10": {"model": "resnet18-cifar", "target-label": 9, "lr": 0.01},  # Southwest planes -> truck
-    "fmnist": {"model": "cnn", "target-label": 1, "lr": 0.01},  # ARDIS 7s -> 1 ("trouser")
-    "linear": {"model": "linear", "target-label": 1, "lr": 0.1},
+    # Southwest planes -> truck
+    "cifar10": {"model": "resnet18-cifar", "target-label": 9, "lr": 0.01, **_COMMON},
+    # ARDIS 7s -> 1 ("trouser")
+    "fmnist": {"model": "cnn", "target-label": 1, "lr": 0.01, **_COMMON},
+    # Greek-director tweets -> 0 (negative); attacker: 60 of them + 140 clean tweets, client lr 0.05,
+    # as in the "Attack of the Tails" code
+    "sent140": {
+        "model": "lstm",
+        "target-label": 0,
+        "lr": 0.05,
+        "partition": "user",
+        "edge-case-samples": 60,
+        "clean-samples": 140,
+    },
+    "linear": {"model": "linear", "target-label": 1, "lr": 0.1, **_COMMON},
 }
+#: The task each model fits (image models: the image tasks).
+_MODEL_TASKS = {"linear": ("linear",), "lstm": ("sent140",)}
 
 _CHOICES = {
     "task": TASKS,
     "defense": DEFENSES,
     "model": (*MODELS, "auto"),
-    "partition": PARTITIONS,
+    "partition": (*PARTITIONS, "auto"),
     "attack": ATTACKS,
     "backdoor": BACKDOORS,
     "attack-schedule": SCHEDULES,
@@ -154,16 +176,20 @@ _POSITIVE_INT = (
     "linear-test-size",
     "trigger-size",
     "adaptive-estimates",
+    "sent140-vocab-size",
+    "sent140-seq-length",
+    "sent140-test-size",
+    "lstm-embedding-dim",
+    "lstm-hidden-dim",
 )
 _NON_NEGATIVE_INT = (
     "seed",
     "pretrain-rounds",
     "flain-aux-size",
     "train-size",
-    "edge-case-samples",
-    "clean-samples",
     "replace-total-examples",
 )
+_TASK_INT = ("edge-case-samples", "clean-samples")  # >= 0, or -1 for the task's value
 _STRATEGY_PARAMETERS = ("tau", "trim-ratio", "server-learning-rate")  # checked by flwr_invariant.settings
 _NON_NEGATIVE_FLOAT = ("adaptive-z", "momentum", "weight-decay", "pgd-eps", "linear-signal")
 
@@ -215,6 +241,11 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in _NON_NEGATIVE_INT:
         if config[key] < 0:
             raise ValueError(f"run config {key!r} must be >= 0, got {config[key]!r}")
+    for key in _TASK_INT:
+        if config[key] < -1:
+            raise ValueError(
+                f"run config {key!r} must be >= 0 (or -1 for the task's value), got {config[key]!r}"
+            )
     for key in _NON_NEGATIVE_FLOAT:
         if not (math.isfinite(config[key]) and config[key] >= 0):
             raise ValueError(f"run config {key!r} must be a finite number >= 0, got {config[key]!r}")
@@ -241,25 +272,28 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
             f"run config 'clients-per-round' ({config['clients-per-round']}) exceeds "
             f"'num-partitions' ({config['num-partitions']})"
         )
-    task_defaults = TASK_DEFAULTS[config["task"]]
-    if config["model"] == "auto":
-        config["model"] = task_defaults["model"]
-    if config["target-label"] == -1:
-        config["target-label"] = task_defaults["target-label"]
-    num_classes = 2 if config["task"] == "linear" else 10
+    task, task_defaults = config["task"], TASK_DEFAULTS[config["task"]]
+    for key in ("model", "partition"):
+        if config[key] == "auto":
+            config[key] = task_defaults[key]
+    for key in ("target-label", *_TASK_INT):
+        if config[key] == -1:
+            config[key] = task_defaults[key]
+    num_classes = 2 if task in ("linear", "sent140") else 10
     if not 0 <= config["target-label"] < num_classes:
         raise ValueError(
             f"run config 'target-label' must be in [0, {num_classes}) for task "
             f"{config['task']!r}, got {config['target-label']!r}"
         )
-    if config["task"] == "linear" and config["model"] != "linear":
-        raise ValueError(f"run config 'model' must be 'linear' for task 'linear', got {config['model']!r}")
-    if config["task"] != "linear" and config["model"] == "linear":
-        raise ValueError(f"run config 'model' 'linear' only fits task 'linear', not {config['task']!r}")
-    if config["task"] == "fmnist" and config["model"] == "resnet18-imagenet":
+    fits = _MODEL_TASKS.get(config["model"], ("cifar10", "fmnist"))
+    if task not in fits:
+        raise ValueError(f"run config 'model' {config['model']!r} does not fit task {task!r}")
+    if task == "fmnist" and config["model"] == "resnet18-imagenet":
         raise ValueError("run config 'model' 'resnet18-imagenet' needs RGB images (cifar10), not 'fmnist'")
-    if config["task"] == "linear" and config["backdoor"] == "pixel":
-        raise ValueError("run config 'backdoor' = 'pixel' needs an image task, not 'linear'")
+    if task in ("linear", "sent140") and config["backdoor"] == "pixel":
+        raise ValueError(f"run config 'backdoor' = 'pixel' needs an image task, not {task!r}")
+    if config["partition"] == "user" and task != "sent140":
+        raise ValueError(f"run config 'partition' = 'user' needs a task with users (sent140), not {task!r}")
     return config
 
 

@@ -1,18 +1,20 @@
-"""Tasks: CIFAR-10 + Southwest planes, Fashion-MNIST + ARDIS 7s, and the linear task.
+"""Tasks: CIFAR-10 + Southwest planes, Fashion-MNIST + ARDIS 7s, Sentiment140 + Greek-director
+tweets (:mod:`simulation.sent140`), and the linear task.
 
 Every task becomes a :class:`TaskData` of in-memory tensors: images stay uint8
 ``(N, C, H, W)`` and are normalised per batch by :meth:`TaskData.preprocess`, the
-same function for clean and edge-case images. Loaded tasks and partitions are
-cached per process (Ray reuses its actors, so a client does not re-read the
-60k CIFAR-10 JPEGs on every call). Nothing is downloaded unless the run config
-says ``download = true`` (CIFAR-10 through torchvision only).
+same function for clean and edge-case images; tweets are int32 token ids. Loaded
+tasks and partitions are cached per process (Ray reuses its actors, so a client
+does not re-read the 60k CIFAR-10 JPEGs on every call). Nothing is downloaded
+unless the run config says ``download = true`` (CIFAR-10 through torchvision,
+Sentiment140 from its authors' site).
 """
 
 from __future__ import annotations
 
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from logging import INFO
 from pathlib import Path
@@ -26,10 +28,12 @@ from torchvision.transforms import v2
 from .config import resolve_data_root
 from .partition import partition_indices
 from .safe_pickle import load_numpy_pickle
+from .sent140 import check_sent140_files, download_sentiment140, load_sent140
 
 __all__ = [
     "CIFAR10_CLASSES",
     "TaskData",
+    "check_task_files",
     "load_ardis",
     "load_cifar10",
     "load_fmnist",
@@ -48,11 +52,13 @@ FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 class TaskData:
     """One task's tensors.
 
-    ``train_x``/``test_x``: uint8 ``(N, C, H, W)`` images or float32 ``(N, D)``
-    features; ``*_y``: int64 ``(N,)``. ``edge_train_x``: the edge-case inputs an
-    attacker can poison with (all get ``target-label``); ``edge_test_x``: the
-    edge-case test inputs behind ``acc_backdoor``. ``mean``/``std``: per-channel
-    normalisation of images (``None`` for features).
+    ``train_x``/``test_x``: uint8 ``(N, C, H, W)`` images, float32 ``(N, D)``
+    features or int32 ``(N, L)`` token ids; ``*_y``: int64 ``(N,)``. ``edge_train_x``:
+    the edge-case inputs an attacker can poison with (all get ``target-label``);
+    ``edge_test_x``: the edge-case test inputs behind ``acc_backdoor``.
+    ``mean``/``std``: per-channel normalisation of images (``None`` otherwise).
+    ``vocab_size``: token ids in use (0 unless text). ``train_users``: int64 ``(N,)``
+    author of each training example, for ``partition = "user"`` (``None`` if unknown).
     """
 
     name: str
@@ -65,14 +71,24 @@ class TaskData:
     num_classes: int
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    vocab_size: int = 0
+    train_users: torch.Tensor | None = None
 
     @property
     def is_image(self) -> bool:
-        """Whether inputs are uint8 images (else float features)."""
+        """Whether inputs are uint8 images."""
         return self.train_x.dtype == torch.uint8
 
+    @property
+    def is_text(self) -> bool:
+        """Whether inputs are token ids."""
+        return self.vocab_size > 0
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Batch to model input: uint8 images -> float in [0, 1] -> normalised; features as is."""
+        """Batch to model input: uint8 images -> float in [0, 1] -> normalised; token ids -> int64;
+        features -> float32."""
+        if self.is_text:
+            return x.long()
         if not self.is_image:
             return x.float()
         x = v2.functional.to_dtype(x, torch.float32, scale=True)
@@ -225,18 +241,12 @@ def _subset(data: TaskData, size: int, seed: int) -> TaskData:
     keep = torch.from_numpy(
         np.sort(np.random.default_rng([seed, 0x5B5E7]).choice(len(data.train_y), size, replace=False))
     )
-    return TaskData(
-        data.name,
-        data.train_x[keep],
-        data.train_y[keep],
-        data.test_x,
-        data.test_y,
-        data.edge_train_x,
-        data.edge_test_x,
-        data.num_classes,
-        data.mean,
-        data.std,
-    )
+    users = None if data.train_users is None else data.train_users[keep]
+    return replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep], train_users=users)
+
+
+#: The run-config keys that shape the sent140 task (beyond data-root, download, train-size and seed).
+SENT140_KEYS = ("sent140-vocab-size", "sent140-seq-length", "sent140-test-size")
 
 
 def _task_key(config: Mapping[str, Any]) -> tuple:
@@ -252,11 +262,31 @@ def _task_key(config: Mapping[str, Any]) -> tuple:
             "seed",
         )
         return (task, *(config[k] for k in keys))
-    download = bool(config["download"]) and task == "cifar10"
+    download = bool(config["download"]) and task in ("cifar10", "sent140")
     if download and config["data-root"]:
         Path(str(config["data-root"])).expanduser().mkdir(parents=True, exist_ok=True)
     root = str(resolve_data_root(config))
-    return (task, root, download, config["train-size"], config["seed"])
+    text = tuple(config[k] for k in SENT140_KEYS) if task == "sent140" else ()
+    return (task, root, download, config["train-size"], config["seed"], *text)
+
+
+def check_task_files(config: Mapping[str, Any]) -> None:
+    """Fail early, before any work, when the task's data root or sent140's files are missing.
+
+    ``FileNotFoundError`` naming the setting or the file and where it comes from
+    (the other tasks' files are checked as they load). On sent140 with ``download``,
+    Sentiment140 is downloaded here when absent, so a failed download stops the run
+    before it starts.
+    """
+    if config["task"] == "linear":
+        return
+    if config["task"] == "sent140" and config["download"] and config["data-root"]:
+        Path(str(config["data-root"])).expanduser().mkdir(parents=True, exist_ok=True)
+    root = resolve_data_root(config)
+    if config["task"] == "sent140":
+        check_sent140_files(root, download=bool(config["download"]))
+        if config["download"]:
+            download_sentiment140(root)
 
 
 @lru_cache(maxsize=4)
@@ -265,7 +295,30 @@ def _load_task_cached(key: tuple) -> TaskData:
     if task == "linear":
         _, features, train_size, test_size, signal, trigger, target, seed = key
         return make_linear_task(features, train_size, test_size, signal, trigger, target, seed)
-    _, root, download, train_size, seed = key
+    _, root, download, train_size, seed, *text = key
+    if task == "sent140":
+        vocab_size, seq_length, test_size = text
+        tweets = load_sent140(
+            root,
+            vocab_size=vocab_size,
+            seq_length=seq_length,
+            test_size=test_size,
+            train_size=train_size,
+            seed=seed,
+            download=download,
+        )
+        return TaskData(
+            "sent140",
+            tweets.train_x,
+            tweets.train_y,
+            tweets.test_x,
+            tweets.test_y,
+            tweets.edge_train_x,
+            tweets.edge_test_x,
+            2,
+            vocab_size=tweets.vocab_size,
+            train_users=tweets.train_users,
+        )  # train-size is applied while loading (only the tweets in use are tokenised)
     if task == "cifar10":
         edge = load_southwest(root, "train"), load_southwest(root, "test")
         data = TaskData("cifar10", *load_cifar10(root, download), *edge, 10, CIFAR10_MEAN, CIFAR10_STD)
@@ -273,7 +326,7 @@ def _load_task_cached(key: tuple) -> TaskData:
         edge = load_ardis(root)
         data = TaskData("fmnist", *load_fmnist(root), *edge, 10, FMNIST_MEAN, FMNIST_STD)
     else:
-        raise ValueError(f"run config 'task' must be cifar10, fmnist or linear; got {task!r}")
+        raise ValueError(f"run config 'task' must be cifar10, fmnist, sent140 or linear; got {task!r}")
     return _subset(data, train_size, seed)
 
 
@@ -286,8 +339,9 @@ def load_task(config: Mapping[str, Any]) -> TaskData:
 def _partitions_cached(
     key: tuple, num_partitions: int, scheme: str, alpha: float, seed: int
 ) -> list[np.ndarray]:
-    labels = _load_task_cached(key).train_y.numpy()
-    return partition_indices(labels, num_partitions, scheme, alpha, seed)
+    task = _load_task_cached(key)
+    users = None if task.train_users is None else task.train_users.numpy()
+    return partition_indices(task.train_y.numpy(), num_partitions, scheme, alpha, seed, users)
 
 
 def load_partitions(config: Mapping[str, Any]) -> list[np.ndarray]:

@@ -5,7 +5,7 @@ machine with network access::
 
     python -m simulation.download --data-root ~/data        # all edge-case files
 
-Files land under ``<data-root>/edge-case/{southwest,ardis}/``. Downloads use
+Files land under ``<data-root>/edge-case/{southwest,ardis,greek-director}/``. Downloads use
 torchvision's ``download_url``; torchvision checks only md5, so the sha256 check
 is done here after every download and before any reuse of an existing file.
 """
@@ -66,6 +66,16 @@ EDGE_CASE_FILES: dict[str, EdgeCaseFile] = {
         "edge-case/ardis/poisoned_dataset_fraction_0.1",
         f"{_OOD}/poisoned_dataset_fraction_0.1",
         "fe21ecf9a9defec701c2b7857cd96af15ce3a97cb7a511166c7d6149cb6b96f3",
+    ),
+    "greek-director-train": EdgeCaseFile(
+        "edge-case/greek-director/train.txt",
+        f"{_OOD}/language-tasks-fl/data/sentiment-140/greek-director-backdoor/train.txt",
+        "204e9c1b98aa1ad8b222c26fa4c77e7af71de32abc8eeac5b35c549099bf25ec",
+    ),
+    "greek-director-test": EdgeCaseFile(
+        "edge-case/greek-director/test.txt",
+        f"{_OOD}/language-tasks-fl/data/sentiment-140/greek-director-backdoor/test.txt",
+        "80fde4c91c27ecc86e5b2805b4129442d688feb8f384298497a4e0ac9b936b80",
     ),
 }
 

@@ -326,10 +326,17 @@ def check_writable(directory: Path) -> None:
 
 
 def run_grid(spec: GridSpec, *, progress: bool = True) -> list[Path]:
-    """Run every not yet completed run of ``spec``; returns all run directories."""
+    """Run every not yet completed run of ``spec``; returns all run directories.
+
+    A missing data root or sent140 file stops it before the first run (``FileNotFoundError``).
+    """
+    from .data import check_task_files
+
     check_writable(spec.output)
     run_dirs = []
     runs = spec.runs()
+    for _, overrides in runs:
+        check_task_files(resolve_config(overrides))
     for index, (name, overrides) in enumerate(runs, start=1):
         run_dir = spec.output / name
         run_dirs.append(run_dir)

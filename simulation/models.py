@@ -1,4 +1,5 @@
-"""Models: torchvision's ResNet-18 (optionally with the CIFAR stem), a small CNN, a linear model."""
+"""Models: torchvision's ResNet-18 (optionally with the CIFAR stem), a small CNN, a linear model,
+and the LSTM text classifier of "Attack of the Tails"."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "build_model", "get_device", "imagenet_resnet18"]
+__all__ = ["SmallCNN", "TextLSTM", "build_model", "get_device", "imagenet_resnet18"]
 
 
 class SmallCNN(nn.Module):
@@ -40,6 +41,38 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class TextLSTM(nn.Module):
+    """Embedding, 2-layer LSTM, dropout and a linear layer on the last time step.
+
+    The text model of "Attack of the Tails" (Wang et al. 2020, ``TextBinaryClassificationModel``;
+    embedding and hidden size 200, 2 layers, dropout 0.5 between the LSTM layers and
+    before the output layer, padding id 0, zero initial state). It ends in
+    ``num_classes`` logits for cross-entropy where that model has one sigmoid output
+    for binary cross-entropy. Input int64 ``(B, L)`` token ids, left-padded; output
+    logits ``(B, num_classes)``. No BatchNorm: every state entry is a trainable weight.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int = 2,
+        embedding_dim: int = 200,
+        hidden_dim: int = 200,
+        num_layers: int = 2,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
+        self.lstm = nn.LSTM(embedding_dim, hidden_dim, num_layers, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of token ids."""
+        outputs, _ = self.lstm(self.embedding(x))
+        return self.fc(self.dropout(outputs[:, -1]))
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -47,6 +80,9 @@ def build_model(
     image_size: int = 32,
     num_features: int = 0,
     pretrained_weights: bool = True,
+    vocab_size: int = 0,
+    embedding_dim: int = 200,
+    hidden_dim: int = 200,
 ) -> nn.Module:
     """A freshly initialised model (ImageNet-trained for ``"resnet18-imagenet"``).
 
@@ -57,7 +93,8 @@ def build_model(
     stem); ``"resnet18-cifar"``: the same with the usual CIFAR stem (3x3 stride-1
     ``conv1``, no max-pool); ``"cnn"``: :class:`SmallCNN`; ``"linear"``:
     ``nn.Linear(num_features, num_classes)`` (logistic regression);
-    ``"resnet18-imagenet"``: :func:`imagenet_resnet18`.
+    ``"resnet18-imagenet"``: :func:`imagenet_resnet18`; ``"lstm"``: :class:`TextLSTM`
+    over ``vocab_size`` token ids.
     """
     if name == "resnet18-imagenet":
         if in_channels != 3:
@@ -79,8 +116,12 @@ def build_model(
         if num_features < 1:
             raise ValueError("model 'linear' needs num_features >= 1")
         return nn.Linear(num_features, num_classes)
+    if name == "lstm":
+        if vocab_size < 2:
+            raise ValueError("model 'lstm' needs vocab_size >= 2 (padding and unknown ids)")
+        return TextLSTM(vocab_size, num_classes, embedding_dim, hidden_dim)
     raise ValueError(
-        "run config 'model' must be one of resnet18, resnet18-cifar, resnet18-imagenet, cnn, linear; "
+        "run config 'model' must be one of resnet18, resnet18-cifar, resnet18-imagenet, cnn, linear, lstm; "
         f"got {name!r}"
     )
 

@@ -1,4 +1,4 @@
-"""Seeded client partitions (IID or Dirichlet label skew) and the malicious pool.
+"""Seeded client partitions (IID, Dirichlet label skew, or whole users) and the malicious pool.
 
 ``flwr_datasets`` partitioners (IidPartitioner, DirichletPartitioner) are not used:
 they need the ``flwr-datasets``/``datasets`` packages, which are not dependencies of
@@ -6,6 +6,8 @@ this project, and work on Hugging Face datasets rather than the in-memory tensor
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 
@@ -16,6 +18,7 @@ __all__ = [
     "is_attack_round",
     "is_attacking",
     "partition_indices",
+    "user_partition",
 ]
 
 _MAX_TRIES = 100
@@ -61,15 +64,48 @@ def dirichlet_partition(
     )
 
 
+def user_partition(users: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Every user's examples in one partition, as LEAF keeps a user's tweets on one client.
+
+    ``users``: int array (N,), the author of each example. Users are taken in a
+    ``seed``-ed random order, each to the partition holding the fewest examples so
+    far (the first lowest on ties), so partitions are about equal in size unless a
+    user alone outweighs the mean. Returns ``num_partitions`` sorted index arrays
+    that cover ``range(N)`` exactly once.
+    """
+    users = np.asarray(users)
+    ids, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
+    if num_partitions > len(ids):
+        raise ValueError(f"num-partitions ({num_partitions}) exceeds the number of users ({len(ids)})")
+    loads = [(0, p) for p in range(num_partitions)]  # a heap of (examples so far, partition)
+    owner = np.empty(len(ids), dtype=np.int64)
+    for user in np.random.default_rng(seed).permutation(len(ids)).tolist():
+        load, partition = heapq.heappop(loads)
+        owner[user] = partition
+        heapq.heappush(loads, (load + int(counts[user]), partition))
+    assigned = owner[inverse.ravel()]
+    return [np.flatnonzero(assigned == p) for p in range(num_partitions)]
+
+
 def partition_indices(
-    labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int
+    labels: np.ndarray,
+    num_partitions: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    users: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """``scheme`` "iid" or "dirichlet" (alpha); reproducible from ``seed``."""
+    """``scheme`` "iid", "dirichlet" (alpha) or "user" (needs ``users``, the author of
+    each example); reproducible from ``seed``."""
     if scheme == "iid":
         return iid_partition(len(labels), num_partitions, seed)
     if scheme == "dirichlet":
         return dirichlet_partition(labels, num_partitions, alpha, seed)
-    raise ValueError(f"run config 'partition' must be 'iid' or 'dirichlet', got {scheme!r}")
+    if scheme == "user":
+        if users is None:
+            raise ValueError("run config 'partition' = 'user' needs examples with users (task sent140)")
+        return user_partition(users, num_partitions, seed)
+    raise ValueError(f"run config 'partition' must be 'iid', 'dirichlet' or 'user', got {scheme!r}")
 
 
 def attacker_partitions(

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from .sampling import RoundSampler, make_strategy
 from .training import PRETRAIN_STREAM
 
-__all__ = ["PRETRAIN_KEYS", "cache_file", "load_cached", "pretrain"]
+__all__ = ["PRETRAIN_KEYS", "SENT140_PRETRAIN_KEYS", "cache_file", "load_cached", "pretrain"]
 
 #: The run-config keys that determine the pretrained model (the attack and defense keys do not).
 PRETRAIN_KEYS = (
@@ -53,13 +53,22 @@ PRETRAIN_KEYS = (
     "linear-signal",
     "linear-trigger",
 )
+#: Keys that also determine it on task sent140 (left out of other tasks' hashes, which keeps their caches).
+SENT140_PRETRAIN_KEYS = (
+    "sent140-vocab-size",
+    "sent140-seq-length",
+    "sent140-test-size",
+    "lstm-embedding-dim",
+    "lstm-hidden-dim",
+)
 
 
 def cache_file(config: Mapping[str, Any]) -> Path | None:
     """``pretrain-cache/pretrained-<hash>.pt`` for this config, or ``None`` without a cache."""
     if not config["pretrain-cache"]:
         return None
-    settings = json.dumps({key: config[key] for key in PRETRAIN_KEYS}, sort_keys=True)
+    keys = PRETRAIN_KEYS + (SENT140_PRETRAIN_KEYS if config["task"] == "sent140" else ())
+    settings = json.dumps({key: config[key] for key in keys}, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
     return Path(config["pretrain-cache"]).expanduser() / f"pretrained-{digest}.pt"
 

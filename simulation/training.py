@@ -132,6 +132,14 @@ def model_for(task: TaskData, config: Mapping[str, Any], pretrained_weights: boo
     server's initial model needs them, every other caller loads a state dict next.
     """
     torch.manual_seed(config["seed"])
+    if task.is_text:
+        return build_model(
+            config["model"],
+            task.num_classes,
+            vocab_size=task.vocab_size,
+            embedding_dim=config["lstm-embedding-dim"],
+            hidden_dim=config["lstm-hidden-dim"],
+        )
     if task.is_image:
         return build_model(
             config["model"],
