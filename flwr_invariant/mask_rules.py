@@ -107,6 +107,25 @@ class MaskRule:
         self.name, self.tau = name, tau
         self._memory: list[np.ndarray] | None = None
         self._memory_count = 0.0
+        self._restored: np.ndarray | None = None  # memory_state set before the layer shapes are known
+
+    @property
+    def memory_state(self) -> np.ndarray | None:
+        """The ``"memory"`` rule's votes so far (``None`` before the first round or for other rules).
+
+        1-D float64: the decayed vote count, then each masked layer's decayed vote sums,
+        flattened in layer order. Setting it (e.g. from a checkpoint) continues from there.
+        """
+        if self._restored is not None:
+            return self._restored
+        if self._memory is None:
+            return None
+        return np.concatenate([[self._memory_count], *(m.ravel() for m in self._memory)])
+
+    @memory_state.setter
+    def memory_state(self, state: np.ndarray | None) -> None:
+        self._memory, self._memory_count = None, 0.0
+        self._restored = None if state is None else np.asarray(state, dtype=np.float64).ravel().copy()
 
     def scales(self, layers: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
         """Per layer, the step scale (float64, ``layer_shape``) of the stacked pseudo-gradients.
@@ -135,6 +154,8 @@ class MaskRule:
     def _memory_scales(self, layers: Sequence[np.ndarray]) -> list[np.ndarray]:
         sums = [np.sign(layer).sum(axis=0, dtype=np.float64) for layer in layers]
         count = float(layers[0].shape[0])
+        if self._restored is not None:
+            self._unpack_restored([s.shape for s in sums])
         if self._memory is None or [m.shape for m in self._memory] != [s.shape for s in sums]:
             self._memory, self._memory_count = [np.zeros_like(s) for s in sums], 0.0
         self._memory = [MEMORY_DECAY * m + s for m, s in zip(self._memory, sums, strict=True)]
@@ -148,3 +169,15 @@ class MaskRule:
             ).astype(np.float64)
             for m, s in zip(self._memory, sums, strict=True)
         ]
+
+    def _unpack_restored(self, shapes: list[tuple[int, ...]]) -> None:
+        state, self._restored = self._restored, None
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        if state.size != 1 + sum(sizes):
+            raise ValueError(
+                f"mask memory state holds {state.size - 1} coordinates; "
+                f"the masked layers of this round have {sum(sizes)}"
+            )
+        pieces = np.split(state[1:], np.cumsum(sizes)[:-1])
+        self._memory = [piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True)]
+        self._memory_count = float(state[0])

@@ -17,6 +17,7 @@ from .settings import (
     DEFAULT_SERVER_LEARNING_RATE,
     DEFAULT_TAU,
     DEFAULT_TRIM_RATIO,
+    CarriedMaskMemory,
     InvariantConfig,
     check_strategy_keywords,
 )
@@ -24,7 +25,7 @@ from .settings import (
 __all__ = ["InvariantAggregation"]
 
 
-class InvariantAggregation(ScreenedReplies, FedAvg):
+class InvariantAggregation(CarriedMaskMemory, ScreenedReplies, FedAvg):
     """Invariant Aggregator (Wang et al., AISTATS 2024) as a Message API ``FedAvg``.
 
     The same algorithm and engines as :class:`flwr_invariant.InvariantAggregation`

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_SERVER_LEARNING_RATE",
     "DEFAULT_TAU",
     "DEFAULT_TRIM_RATIO",
+    "CarriedMaskMemory",
     "InvariantConfig",
     "check_parameter",
     "check_strategy_keywords",
@@ -158,6 +159,19 @@ class InvariantConfig:
             **rule_metrics,
         }
 
+    @property
+    def mask_memory(self) -> np.ndarray | None:
+        """The ``"memory"`` rule's votes across rounds (:attr:`MaskRule.memory_state`); else ``None``."""
+        return self._rule[0].memory_state if self._rule else None
+
+    def restore_mask_memory(self, state: np.ndarray | None) -> None:
+        """Continue the ``"memory"`` rule from ``state`` (a saved :attr:`mask_memory`)."""
+        if self.mask_rule != "memory":
+            if state is not None:
+                raise ValueError(f"mask_rule={self.mask_rule!r} keeps no mask memory to restore")
+            return
+        self._rule[0].memory_state = state
+
     def _warn_if_unanimous(self, num_clients: int) -> None:
         """One warning (per settings object) the first time ``tau`` demands every client's vote."""
         if (
@@ -191,3 +205,27 @@ def check_strategy_keywords(owner: str, base: type, keywords: Mapping[str, Any])
             f"{owner}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
             f"it takes its own settings and those of {base.__module__}.{base.__qualname__}"
         )
+
+
+class CarriedMaskMemory:
+    """Both strategy classes: the state kept across rounds, for round checkpoints.
+
+    ``carried_state`` names the attributes to save and set again on resume:
+    ``("mask_memory",)`` with ``mask_rule="memory"``, else none.
+    """
+
+    invariant_config: InvariantConfig
+
+    @property
+    def carried_state(self) -> tuple[str, ...]:
+        """Attribute names that carry across rounds."""
+        return ("mask_memory",) if self.invariant_config.mask_rule == "memory" else ()
+
+    @property
+    def mask_memory(self) -> np.ndarray | None:
+        """1-D float64 votes of the ``"memory"`` rule so far (:attr:`InvariantConfig.mask_memory`)."""
+        return self.invariant_config.mask_memory
+
+    @mask_memory.setter
+    def mask_memory(self, state: np.ndarray | None) -> None:
+        self.invariant_config.restore_mask_memory(state)

@@ -20,6 +20,7 @@ from .settings import (
     DEFAULT_SERVER_LEARNING_RATE,
     DEFAULT_TAU,
     DEFAULT_TRIM_RATIO,
+    CarriedMaskMemory,
     InvariantConfig,
     check_strategy_keywords,
 )
@@ -27,7 +28,7 @@ from .settings import (
 __all__ = ["InvariantAggregation"]
 
 
-class InvariantAggregation(FedAvg):
+class InvariantAggregation(CarriedMaskMemory, FedAvg):
     """Invariant Aggregator (Wang et al., AISTATS 2024) as a Flower ``FedAvg`` strategy.
 
     Each round, client weights ``w_i`` become pseudo-gradients ``g_i = w - w_i``

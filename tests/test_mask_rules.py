@@ -98,6 +98,34 @@ def test_memory_needs_the_lean_to_last_across_rounds() -> None:
     assert second[0].tolist() == [1.0, 0.0]
 
 
+def test_memory_state_continues_where_it_was_saved() -> None:
+    rng = np.random.default_rng(3)
+    rounds = [[rng.normal(size=(7, 3, 2)), rng.normal(size=(7, 4))] for _ in range(4)]
+    uninterrupted = MaskRule("memory", 0.4)
+    expected = [uninterrupted.scales(layers)[0] for layers in rounds]
+
+    first = MaskRule("memory", 0.4)
+    assert first.memory_state is None
+    for layers in rounds[:2]:
+        first.scales(layers)
+    saved = first.memory_state
+    # decayed count 0.5 * 7 + 7, then 6 + 4 decayed vote sums
+    assert saved.shape == (11,) and saved[0] == 10.5
+    resumed = MaskRule("memory", 0.4)
+    resumed.memory_state = saved
+    assert np.array_equal(resumed.memory_state, saved)
+    for layers, want in zip(rounds[2:], expected[2:], strict=True):
+        got = resumed.scales(layers)[0]
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+
+    wrong = MaskRule("memory", 0.4)
+    wrong.memory_state = saved[:-1]
+    with pytest.raises(ValueError, match="holds 9 coordinates; the masked layers of this round have 10"):
+        wrong.scales(rounds[0])
+    with pytest.raises(ValueError, match="keeps no mask memory"):
+        InvariantConfig(mask_rule="collusion").restore_mask_memory(saved)
+
+
 @pytest.mark.parametrize("rule", MASK_RULES)
 def test_every_rule_gets_the_papers_failure_modes_right(rule: str) -> None:
     config = InvariantConfig(tau=0.6, trim_ratio=0.2, mask_rule=rule)
