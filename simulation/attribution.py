@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from flwr_invariant.aggregate import and_mask, trimmed_mean
+from flwr_invariant.mask_rules import collusion_weights, sign_agreement
 
 from .attacks import backdoor_test_inputs
 from .config import resolve_config
@@ -53,6 +54,7 @@ __all__ = [
     "attribute_round",
     "combined_steps",
     "main",
+    "pair_agreement",
     "sample_round",
     "start_state",
     "summary",
@@ -82,6 +84,7 @@ class RoundAttribution:
     margin: dict[str, float]  # mean backdoor margin (logits) after each step; "start" before the round
     acc_backdoor: dict[str, float]
     acc_main: dict[str, float]
+    agreement: dict[str, float]  # pairwise sign agreement in the attacked round (:func:`pair_agreement`)
 
 
 def sample_round(config: Mapping[str, Any], attackers: int, draw: int) -> tuple[list[int], list[int]]:
@@ -148,6 +151,29 @@ def _pseudo_gradients(
     return torch.stack([flat_start - _flat(state, keys) for state in states]).numpy()
 
 
+def pair_agreement(pseudo_gradients: np.ndarray, num_attackers: int) -> dict[str, float]:
+    """Pairwise sign agreement (mean of ``sign(g_i) * sign(g_j)``) by kind of pair, and collusion weights.
+
+    ``pseudo_gradients``: ``(N, P)``, the last ``num_attackers`` rows the attackers'. Returns the mean
+    over attacker pairs, the mean and max over benign pairs, and the mean ``"collusion"`` vote weight
+    of the attackers and of the benign clients (:func:`flwr_invariant.mask_rules.collusion_weights`).
+    """
+    agreement, count = sign_agreement([pseudo_gradients])
+    weights = collusion_weights(agreement, count)
+    num_clients = agreement.shape[0]
+    attacker = np.arange(num_clients) >= num_clients - num_attackers
+    pairs = ~np.eye(num_clients, dtype=bool)
+    attacker_pairs = agreement[pairs & attacker[:, None] & attacker[None, :]]
+    benign_pairs = agreement[pairs & ~attacker[:, None] & ~attacker[None, :]]
+    return {
+        "attacker_pairs": float(attacker_pairs.mean()) if attacker_pairs.size else float("nan"),
+        "benign_pairs": float(benign_pairs.mean()),
+        "benign_pairs_max": float(benign_pairs.max()),
+        "attacker_weight": float(weights[attacker].mean()) if num_attackers else float("nan"),
+        "benign_weight": float(weights[~attacker].mean()),
+    }
+
+
 def backdoor_margin(logits: torch.Tensor, target: int) -> float:
     """Mean over inputs of ``logit[target] - max(other logits)``; positive = classified as target."""
     others = logits.clone()
@@ -173,9 +199,10 @@ def attribute_round(
     ]
     keys = _aggregated_keys(start)
     flat_start = _flat(start, keys)
+    attacked_round = _pseudo_gradients(flat_start, shared + [result.state_dict for result in attacked], keys)
     steps, stats = combined_steps(
         _pseudo_gradients(flat_start, shared + counterfactual, keys),
-        _pseudo_gradients(flat_start, shared + [result.state_dict for result in attacked], keys),
+        attacked_round,
         config["tau"],
         config["trim-ratio"],
     )
@@ -200,7 +227,13 @@ def attribute_round(
         acc_backdoor[step] = float((labels == config["target-label"]).float().mean())
         acc_main[step] = evaluate(model, task.test_x, task.test_y, task.preprocess)[1]
     return RoundAttribution(
-        attackers, draw, **stats, margin=margin, acc_backdoor=acc_backdoor, acc_main=acc_main
+        attackers,
+        draw,
+        **stats,
+        margin=margin,
+        acc_backdoor=acc_backdoor,
+        acc_main=acc_main,
+        agreement=pair_agreement(attacked_round, attackers),
     )
 
 
@@ -226,15 +259,19 @@ def start_state(config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def _table(rows: Sequence[RoundAttribution]) -> str:
     lines = [
         "| attackers | draw | mask kept clean / attacked | unmasked by attackers | masked by attackers "
-        "| margin: start | clean | mask | values | attacked | acc_backdoor clean / attacked |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| margin: start | clean | mask | values | attacked | acc_backdoor clean / attacked "
+        "| sign agreement: attacker pairs | benign pairs (max) | collusion weight: attackers / benign |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         margins = " | ".join(f"{row.margin[step]:+.3f}" for step in ("start", *STEPS))
         lines.append(
             f"| {row.attackers} | {row.draw} | {row.mask_clean:.4f} / {row.mask_attacked:.4f} "
             f"| {row.unmasked:.3f} | {row.masked:.3f} | {margins} "
-            f"| {row.acc_backdoor['clean']:.2f} / {row.acc_backdoor['attacked']:.2f} |"
+            f"| {row.acc_backdoor['clean']:.2f} / {row.acc_backdoor['attacked']:.2f} "
+            f"| {row.agreement['attacker_pairs']:.3f} "
+            f"| {row.agreement['benign_pairs']:.3f} ({row.agreement['benign_pairs_max']:.3f}) "
+            f"| {row.agreement['attacker_weight']:.2f} / {row.agreement['benign_weight']:.2f} |"
         )
     return "\n".join(lines)
 

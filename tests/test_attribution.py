@@ -11,6 +11,7 @@ from simulation.attribution import (
     backdoor_margin,
     combined_steps,
     main,
+    pair_agreement,
     sample_round,
     start_state,
 )
@@ -110,6 +111,23 @@ def test_attacked_step_is_the_servers_real_invariant_step() -> None:
 
     clean_only = attribute_round(config, start, attackers=0, draw=0)
     assert len(set(clean_only.margin[step] for step in ("clean", "mask", "values", "attacked"))) == 1
+
+
+def test_pair_agreement_by_hand() -> None:
+    # four benign clients on 12 coordinates, then two attackers that copy each other
+    rng = np.random.default_rng(0)
+    benign = np.sign(rng.normal(size=(4, 12)))
+    attacker = np.sign(rng.normal(size=12))
+    grads = np.vstack([benign, attacker, attacker])
+    agreement = pair_agreement(grads, 2)
+    products = benign @ benign.T / 12
+    off = ~np.eye(4, dtype=bool)
+    assert agreement["attacker_pairs"] == 1.0
+    assert agreement["benign_pairs"] == pytest.approx(products[off].mean())
+    assert agreement["benign_pairs_max"] == pytest.approx(products[off].max())
+    # the twins agree far above the median pair: each votes at 1 / (1 + 1)
+    assert agreement["attacker_weight"] == 0.5 and agreement["benign_weight"] == 1.0
+    assert np.isnan(pair_agreement(benign, 0)["attacker_pairs"])
 
 
 def test_cli_prints_a_row_per_round_and_names_what_is_missing(tmp_path, capsys) -> None:
