@@ -20,8 +20,11 @@ def masked_principal_sign_alignment(updates: np.ndarray, sparsity: float) -> np.
     updates = np.asarray(updates)
     k = max(1, int(sparsity * updates.shape[1]))
     principal = np.sign(np.sign(updates).sum(axis=0))
-    top = np.argpartition(-np.abs(updates), k - 1, axis=1)[:, :k]
-    return (np.sign(np.take_along_axis(updates, top, axis=1)) == principal[top]).mean(axis=1)
+    shares = np.empty(len(updates))
+    for i, row in enumerate(updates):  # one row at a time: (N, P) index arrays would not fit for large models
+        top = np.argpartition(-np.abs(row), k - 1)[:k]
+        shares[i] = np.mean(np.sign(row[top]) == principal[top])
+    return shares
 
 
 def median_z_scores(values: np.ndarray) -> np.ndarray:
@@ -48,10 +51,15 @@ def alignins_admitted(
     TDA is the cosine similarity of the update ``u_i = w_i - w = -g_i`` with the
     global weights ``w``. Returns ``(admitted, mpsa, tda)``.
     """
-    updates = -np.asarray(pseudo_gradients, dtype=np.float64)
+    updates = -np.asarray(pseudo_gradients)
     mpsa = masked_principal_sign_alignment(updates, sparsity)
-    norms = np.linalg.norm(updates, axis=1) * np.linalg.norm(global_flat)
-    tda = np.divide(updates @ global_flat, norms, out=np.zeros(len(updates)), where=norms > 0)
+    global_flat = np.asarray(global_flat, dtype=np.float64)
+    dots, norms = np.empty(len(updates)), np.empty(len(updates))
+    for i, row in enumerate(updates):  # one float64 row at a time, not a float64 copy of all
+        row = row.astype(np.float64)
+        dots[i], norms[i] = np.dot(row, global_flat), np.linalg.norm(row)
+    norms *= np.linalg.norm(global_flat)
+    tda = np.divide(dots, norms, out=np.zeros(len(updates)), where=norms > 0)
     admitted = np.flatnonzero((median_z_scores(mpsa) < lambda_s) & (median_z_scores(tda) < lambda_c))
     return admitted, mpsa, tda
 
