@@ -409,11 +409,11 @@ def test_deepsight_round_through_flower_records_clips_to_the_median_norm():
     flat = np.array([np.concatenate([g.ravel(), [0.1, 0.1]]) for g in grads])
     norms = np.linalg.norm(flat, axis=1)
     assert metrics["clip_bound"] == pytest.approx(np.median(norms), rel=1e-6)
-    accepted = metrics["num_admitted"]
-    assert accepted >= 1 and metrics["num_suspicious"] == 0  # all alike: no label stands out
-    if accepted == 5:
-        scaled = flat * np.minimum(1.0, np.median(norms) / norms)[:, None]
-        np.testing.assert_allclose(CLASSIFIER[0] - weights[0], scaled.mean(0)[:4].reshape(2, 2), atol=1e-5)
+    # each output neuron: energy 0.3 (1 + i) + 0.1 -> NEUPs (0.5, 0.5), TE 2 for all, none suspicious
+    assert metrics["num_suspicious"] == 0 and metrics["num_admitted"] == 5
+    scaled = flat * np.minimum(1.0, np.median(norms) / norms)[:, None]
+    np.testing.assert_allclose(CLASSIFIER[0] - weights[0], scaled.mean(0)[:4].reshape(2, 2), atol=1e-5)
+    np.testing.assert_allclose(CLASSIFIER[1] - weights[1], scaled.mean(0)[4:], atol=1e-5)
     assert weights[2] == CLASSIFIER[2]
     with pytest.raises(RuntimeError, match="probe"):
         message_round(DeepSight(), CLASSIFIER, contents, keys=CLASSIFIER_KEYS)
@@ -508,3 +508,32 @@ def test_defenses_with_server_models_exclude_a_nan_update_and_survive(name, flwr
     assert metrics["num_excluded"] == 1 and metrics["num_aggregated"] == 6
     assert weights is not None and np.isfinite(weights[0]).all()
     assert any("node 106" in r.getMessage() and "NaN" in r.getMessage() for r in flwr_logs.records)
+
+
+def test_server_side_probe_and_root_trainer_on_a_real_torch_model():
+    torch = pytest.importorskip("torch")
+    from flwr.app import ArrayRecord
+
+    from baselines.server_side import OutputProbe, RootTrainer
+
+    weight, bias = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0.0, 0.0])
+    arrays = ArrayRecord({"weight": weight, "bias": bias})
+    inputs = [torch.tensor([[0.0, 0.0], [float(np.log(3.0)), 0.0]])]
+    probe = OutputProbe(model_fn=lambda: torch.nn.Linear(2, 2), inputs=inputs, preprocess=lambda x: x)
+    # logits (0, 0) -> (1/2, 1/2); (log 3, 0) -> (3/4, 1/4)
+    np.testing.assert_allclose(probe(arrays), [[[0.5, 0.5], [0.75, 0.25]]], atol=1e-6)
+
+    def one_sgd_step(model, x, y, seed):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 1.0 * p.grad
+        return float(loss)
+
+    x, y = torch.tensor([[0.0, 0.0]]), torch.tensor([0])
+    trainer = RootTrainer(model_fn=lambda: torch.nn.Linear(2, 2), x=x, y=y, train_fn=one_sgd_step, seed=3)
+    trained = trainer(1, arrays)
+    # at x = 0 only the bias moves: softmax (1/2, 1/2), label 0 -> gradient (-1/2, 1/2)
+    np.testing.assert_allclose(trained["bias"].numpy(), [0.5, -0.5], atol=1e-7)
+    np.testing.assert_allclose(trained["weight"].numpy(), weight.numpy())
