@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Message
@@ -26,6 +26,7 @@ class RoundUpdates:
     layer_slices: where each floating layer lies in ``P`` (in model order).
     layer_shapes: the shapes of those layers.
     global_flat: ``(P,)`` the global weights of those layers.
+    layer_names: the model's keys of those layers (empty when unknown).
     """
 
     server_round: int
@@ -35,6 +36,7 @@ class RoundUpdates:
     layer_slices: list[slice]
     layer_shapes: list[tuple[int, ...]]
     global_flat: np.ndarray
+    layer_names: list[str] = field(default_factory=list)
 
 
 class PseudoGradientStrategy(ScreenedReplies, FedAvg):
@@ -66,6 +68,11 @@ class PseudoGradientStrategy(ScreenedReplies, FedAvg):
             layer_slices=[slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True)],
             layer_shapes=[w.shape for w in float_layers],
             global_flat=np.concatenate([np.ravel(w) for w in float_layers]).astype(np.float32, copy=False),
+            layer_names=[
+                k
+                for k, w in zip(self._global_arrays.keys(), global_weights, strict=True)
+                if w.dtype.kind == "f"
+            ],
         )
         step, metrics = self.server_step(round_updates)
         return apply_step(global_weights, updates, step), {**metrics, **self.train_metrics(messages)}

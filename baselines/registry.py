@@ -24,6 +24,9 @@ from flwr_invariant.settings import (
     DEFAULT_TRIM_RATIO,
 )
 
+from .alignins import AlignIns
+from .crfl import CRFL
+from .deepsight import DeepSight
 from .flain import FLAIN
 from .flame import FLAME
 from .flower_builtin import (
@@ -34,8 +37,10 @@ from .flower_builtin import (
     ScreenedMultiKrum,
     ScreenedTrimmedMean,
 )
+from .fltrust import FLTrust
 from .foolsgold import FoolsGold
 from .krum import MultiKrumCosine
+from .multi_metrics import MultiMetrics
 from .rfa import RFA
 from .robust_lr import RobustLR
 from .signsgd import SignSGD
@@ -113,6 +118,11 @@ DEFENSES: dict[str, DefenseFactory] = {
     "flame": lambda config: (FLAME, {"seed": int(config.get("seed", 0))}),
     "flain": lambda config: (FLAIN, {}),
     "robust-lr": _robust_lr,
+    "fltrust": lambda config: (FLTrust, {}),
+    "deepsight": lambda config: (DeepSight, {}),
+    "alignins": lambda config: (AlignIns, {}),
+    "crfl": lambda config: (CRFL, {"seed": int(config.get("seed", 0))}),
+    "multi-metrics": lambda config: (MultiMetrics, {}),
     **{f"invariant-{rule}": _invariant_rule(rule) for rule in MASK_RULES if rule != DEFAULT_MASK_RULE},
 }
 

@@ -70,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
     "server-learning-rate": DEFAULT_SERVER_LEARNING_RATE,
     "mask-rule": DEFAULT_MASK_RULE,  # how the AND-mask counts votes (flwr_invariant.mask_rules)
     "flain-aux-size": 500,  # FLAIN: clean training examples the server holds
+    "fltrust-root-size": 100,  # FLTrust: the server's root dataset, drawn from the training pool
+    "deepsight-probe-size": 200,  # DeepSight: random inputs per seed (3 seeds) for the DDifs
     "assumed-malicious": -1,  # f assumed by Krum & co.; -1 = round(malicious-fraction * clients-per-round)
     # population and data
     "data-root": "",  # "" = $FLWR_INVARIANT_DATA_ROOT
@@ -165,6 +167,8 @@ _POSITIVE_INT = (
     "checkpoint-every",
     "num-partitions",
     "clients-per-round",
+    "fltrust-root-size",
+    "deepsight-probe-size",
     "local-epochs",
     "batch-size",
     "eval-batch-size",

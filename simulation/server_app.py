@@ -40,8 +40,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
+from baselines.deepsight import DeepSight
 from baselines.flain import FLAIN
 from baselines.flain_repair import FlainRepair
+from baselines.fltrust import FLTrust
+from baselines.server_side import OutputProbe, RootTrainer
 
 from .checkpoint import (
     Checkpoint,
@@ -102,13 +105,75 @@ def flain_repair(task: Any, config: Mapping[str, Any]) -> FlainRepair:
     """
     from .training import model_for
 
-    rng = np.random.default_rng([config["seed"], 0xF1A1])
-    count = min(config["flain-aux-size"], len(task.train_y))
-    chosen = torch.from_numpy(np.sort(rng.choice(len(task.train_y), count, replace=False)))
-    x, y = task.train_x[chosen], task.train_y[chosen]
-    batch = config["eval-batch-size"]
+    x, y = training_sample(task, config["flain-aux-size"], config["seed"], 0xF1A1)
+    count, batch = len(y), config["eval-batch-size"]
     batches = [(task.preprocess(x[i : i + batch]), y[i : i + batch]) for i in range(0, count, batch)]
     return FlainRepair(model_fn=lambda: model_for(task, config), aux_loader=batches)
+
+
+def training_sample(task: Any, size: int, seed: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` examples of the training pool (all if fewer), drawn with ``(seed, stream)``;
+    never the test set that ``acc_main`` is measured on."""
+    rng = np.random.default_rng([seed, stream])
+    count = min(size, len(task.train_y))
+    chosen = torch.from_numpy(np.sort(rng.choice(len(task.train_y), count, replace=False)))
+    return task.train_x[chosen], task.train_y[chosen]
+
+
+def fltrust_root_trainer(task: Any, config: Mapping[str, Any]) -> RootTrainer:
+    """FLTrust's server update: ``fltrust-root-size`` seeded training examples, trained on
+    with the clients' local-training settings."""
+    from .models import get_device
+    from .training import model_for, train_as_configured
+
+    x, y = training_sample(task, config["fltrust-root-size"], config["seed"], 0xF7)
+    device = get_device(config["device"])
+
+    def train_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+        return train_as_configured(model, x, y, task, config, device, seed)
+
+    return RootTrainer(
+        model_fn=lambda: model_for(task, config), x=x, y=y, train_fn=train_fn, seed=config["seed"]
+    )
+
+
+def deepsight_probe(task: Any, config: Mapping[str, Any], num_seeds: int = 3) -> OutputProbe:
+    """DeepSight's random inputs: ``deepsight-probe-size`` per seed, uniform over the input
+    space (uint8 pixels, token ids below the vocabulary size, standard normal features)."""
+    from .models import get_device
+    from .training import model_for
+
+    shape = (config["deepsight-probe-size"], *task.train_x.shape[1:])
+    inputs = []
+    for s in range(num_seeds):
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([config["seed"], 0xD5, s]).generate_state(1)[0])
+        )
+        if task.is_image:
+            inputs.append(torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8))
+        elif task.is_text:
+            inputs.append(
+                torch.randint(0, task.vocab_size, shape, generator=generator, dtype=task.train_x.dtype)
+            )
+        else:
+            inputs.append(torch.randn(shape, generator=generator, dtype=task.train_x.dtype))
+    return OutputProbe(
+        model_fn=lambda: model_for(task, config),
+        inputs=inputs,
+        preprocess=task.preprocess,
+        batch_size=config["eval-batch-size"],
+        device=str(get_device(config["device"])),
+    )
+
+
+def attach_server_side(strategy: FedAvg, task: Any, config: Mapping[str, Any]) -> None:
+    """Give the defenses that work on server-held data or models what they need."""
+    if isinstance(strategy, FLAIN):
+        strategy.repair = flain_repair(task, config)
+    if isinstance(strategy, FLTrust):
+        strategy.root_update = fltrust_root_trainer(task, config)
+    if isinstance(strategy, DeepSight):
+        strategy.probe = deepsight_probe(task, config)
 
 
 @dataclass
@@ -238,8 +303,7 @@ def _run_experiment(
     sampler = RoundSampler(node_of, config)
     strategy = make_strategy(config, sampler)
     keeps_initial = isinstance(strategy, FLAIN)  # its repair needs the round-0 model
-    if keeps_initial:
-        strategy.repair = flain_repair(task, config)
+    attach_server_side(strategy, task, config)
     pretrained = None
     if saved is None:
         if config["pretrain-rounds"]:

@@ -43,5 +43,10 @@ def test_every_defense_runs_two_rounds_by_name():
         assert rounds[1]["train_num_aggregated"] == 8, name
     assert 0.0 < records["invariant-collusion"]["rounds"][1]["train_min_vote_weight"] <= 1.0
     assert 0.0 <= records["robust-lr"]["rounds"][1]["train_robust_lr_flipped_fraction"] <= 1.0
+    assert records["fltrust"]["rounds"][1]["train_fltrust_server_norm"] > 0  # trained on its root dataset
+    assert records["deepsight"]["rounds"][1]["train_num_clusters"] >= 1  # probed the models' outputs
+    assert 1 <= records["alignins"]["rounds"][1]["train_num_admitted"] <= 8
+    assert records["crfl"]["rounds"][1]["train_crfl_clip_bound"] == 2.1
+    assert records["multi-metrics"]["rounds"][1]["train_num_admitted"] == 2  # int(0.3 * 8)
     flain_final = records["flain"]["rounds"][-1]
     assert "flain_flipped" in flain_final and "before_repair_acc_main" in flain_final

@@ -254,10 +254,37 @@ def train_round(strategy, server_round: int, arrays: ArrayRecord, node_of: dict[
     return (arrays if new_arrays is None else new_arrays), dict(metrics or {})
 
 
+def stand_in_root_update(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+    """FLTrust's server update on GLOBAL's model without a task: every float moves by 0.05 / round."""
+    return ArrayRecord(
+        {
+            k: Array(
+                a.numpy() - np.float32(0.05 / server_round) if a.numpy().dtype.kind == "f" else a.numpy()
+            )
+            for k, a in arrays.items()
+        }
+    )
+
+
+def stand_in_probe(arrays: ArrayRecord) -> np.ndarray:
+    """DeepSight's outputs of GLOBAL's MLP (6 -> 8 -> 2) on 2 seeds x 5 fixed random inputs."""
+    x = np.random.default_rng(3).normal(size=(2, 5, 6))
+    hidden = np.maximum(x @ arrays["hidden.weight"].numpy().T + arrays["hidden.bias"].numpy(), 0.0)
+    logits = hidden @ arrays["out.weight"].numpy().T + arrays["out.bias"].numpy()
+    exp = np.exp(logits - logits.max(axis=2, keepdims=True))
+    return exp / exp.sum(axis=2, keepdims=True)
+
+
 def federation(defense: str, node_base: int):
+    """The defense with seeded sampling over 10 partitions, and stand-ins for any server-side model work."""
     config = resolve_config({**CONFIG, "defense": defense, "malicious-fraction": 0.3})
     node_of = {pid: node_base + 7 * pid for pid in range(config["num-partitions"])}
-    return make_strategy(config, RoundSampler(node_of, config)), node_of
+    strategy = make_strategy(config, RoundSampler(node_of, config))
+    if hasattr(strategy, "root_update"):
+        strategy.root_update = stand_in_root_update
+    if hasattr(strategy, "probe"):
+        strategy.probe = stand_in_probe
+    return strategy, node_of
 
 
 def fingerprint(value):

@@ -32,6 +32,11 @@ weights, fraction = engine([np.zeros(3)], [[np.ones(3)], [np.ones(3)]], tau=0.6,
 assert fraction == 1.0 and weights[0].tolist() == [1.0, 1.0, 1.0]  # w - (w - w_i)
 InvariantAggregation(tau=0.7), flwr_invariant.serverapp.InvariantAggregation(tau=0.7)
 assert "robust-lr" in baselines.DEFENSES and "flame" in baselines.DEFENSES
+from baselines.alignins import AlignIns
+from baselines.crfl import CRFL
+from baselines.fltrust import FLTrust
+from baselines.multi_metrics import MultiMetrics
+AlignIns(), CRFL(seed=0), FLTrust(), MultiMetrics()
 print("ok")
 """
     result = run_without_heavy_packages(code)
@@ -43,10 +48,14 @@ def test_a_piece_that_needs_an_extra_names_it() -> None:
     cases = {
         "import simulation.config": "pip install 'flwr-invariant[simulation]'",
         "import baselines.flain_repair": "pip install 'flwr-invariant[simulation]'",
+        "import baselines.server_side": "pip install 'flwr-invariant[simulation]'",
         "from flwr_invariant.engines import select_engine; select_engine('torch')": (
             "pip install 'flwr-invariant[torch]'"
         ),
         "import numpy as np; from baselines.flame import flame_admitted; flame_admitted(np.eye(4))": (
+            "pip install 'flwr-invariant[simulation]'"
+        ),
+        "import numpy as np; from baselines.deepsight import clustering_labels as c; c(np.eye(3))": (
             "pip install 'flwr-invariant[simulation]'"
         ),
     }
