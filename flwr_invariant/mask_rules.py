@@ -18,14 +18,18 @@ The other rules change how votes count; each returns, per layer, a step scale in
 - ``"memory"``: votes counted across rounds: the signed vote sums decay by
   ``MEMORY_DECAY`` per round and the mask needs ``|memory| >= tau * (decayed count)``
   as well as this round's paper mask, so a coordinate must lean the same way for
-  several rounds.
+  several rounds;
+- ``"bloc-exclusion"``: a client with any unusually similar partner (``k_i >= 1`` above)
+  sits the round out, votes and values: the paper's algorithm then runs on the rest, so a
+  bloc cannot tip the mask by even one vote nor shift the trimmed mean's ranks
+  (:meth:`MaskRule.outside_blocs`).
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -41,25 +45,29 @@ __all__ = [
     "weighted_consistency",
 ]
 
-MASK_RULES = ("paper", "soft-margin", "collusion", "memory")
+MASK_RULES = ("paper", "soft-margin", "collusion", "memory", "bloc-exclusion")
 COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agreement
 MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
 
 
-def sign_agreement(layers: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+def sign_agreement(layers: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
     """``(N, N)`` mean of ``sign(x_i) * sign(x_j)`` over every coordinate of ``layers``, and their count.
 
-    ``layers``: each ``(N, *layer_shape)``. Sums layer by layer (float32 products of whole
-    numbers below 2**24 are exact), so memory stays at one layer's signs.
+    ``layers``: each ``(N, *layer_shape)`` (a generator works). Sums layer by layer (float32
+    products of whole numbers below 2**24 are exact), so memory stays at one layer's signs.
     """
-    num_clients = layers[0].shape[0]
-    total, count = np.zeros((num_clients, num_clients)), 0
+    total, count = None, 0
     for layer in layers:
+        num_clients = layer.shape[0]
+        if total is None:
+            total = np.zeros((num_clients, num_clients))
         signs = np.sign(np.asarray(layer).reshape(num_clients, -1)).astype(np.float32)
         for start in range(0, signs.shape[1], 1 << 22):  # keeps each partial sum exact in float32
             part = signs[:, start : start + (1 << 22)]
             total += part @ part.T
         count += signs.shape[1]
+    if total is None:
+        raise ValueError("sign_agreement needs at least one layer")
     return total / max(count, 1), count
 
 
@@ -143,6 +151,8 @@ class MaskRule:
                 margin = sign_votes(layer) - (needed - 1)  # 1 at the threshold, N - k + 1 when unanimous
                 result.append(np.clip(margin / (num_clients - needed + 1), 0.0, 1.0))
             return result, {}
+        if self.name == "bloc-exclusion":
+            raise ValueError("mask_rule 'bloc-exclusion' selects clients (outside_blocs), not coordinates")
         if self.name == "collusion":
             weights = collusion_weights(*sign_agreement(layers))
             scales = [
@@ -150,6 +160,20 @@ class MaskRule:
             ]
             return scales, {"min_vote_weight": float(weights.min())}
         return self._memory_scales(layers), {}
+
+    def outside_blocs(self, layers: Iterable[np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
+        """``(N,)`` bool: the clients with no unusually similar partner (:func:`collusion_weights` = 1).
+
+        ``layers``: each ``(N, *layer_shape)``, the same N clients' pseudo-gradients. Also returns
+        ``num_bloc_excluded``. When fewer than 2 clients would remain, every client is kept (a
+        round needs a spread of values; the metric still counts the flagged ones).
+        """
+        weights = collusion_weights(*sign_agreement(layers))
+        outside = weights == 1.0
+        excluded = int((~outside).sum())
+        if outside.sum() < 2:
+            outside = np.ones_like(outside)
+        return outside, {"num_bloc_excluded": excluded}
 
     def _memory_scales(self, layers: Sequence[np.ndarray]) -> list[np.ndarray]:
         sums = [np.sign(layer).sum(axis=0, dtype=np.float64) for layer in layers]

@@ -113,7 +113,19 @@ class InvariantConfig:
         ``median_layers``: indices of floating layers aggregated by coordinate-wise median.
         """
         self._warn_if_unanimous(len(updates))
-        if self._rule:
+        rule_metrics: dict[str, float] = {}
+        if self.mask_rule == "bloc-exclusion":
+            masked = [
+                i for i, w in enumerate(global_weights) if w.dtype.kind == "f" and i not in median_layers
+            ]
+            outside, rule_metrics = self._rule[0].outside_blocs(
+                np.stack(
+                    [global_weights[i] - np.asarray(u[i], dtype=global_weights[i].dtype) for u in updates]
+                )
+                for i in masked
+            )
+            updates = [update for update, keep in zip(updates, outside, strict=True) if keep]
+        elif self._rule:
             return self._aggregate_by_rule(global_weights, updates, median_layers)
         weights, mask_fraction = self.engine()(
             global_weights,
@@ -126,6 +138,7 @@ class InvariantConfig:
         return weights, {
             "mask_fraction": mask_fraction,
             "trim_count": trim_count(len(updates), self.trim_ratio),
+            **rule_metrics,
         }
 
     def _aggregate_by_rule(

@@ -136,6 +136,50 @@ def test_every_rule_gets_the_papers_failure_modes_right(rule: str) -> None:
     assert step[1] == 0.0  # no benign consensus: masked
 
 
+def test_bloc_exclusion_runs_the_paper_on_the_clients_outside_the_bloc() -> None:
+    rng = np.random.default_rng(5)
+    global_weights = [rng.standard_normal((40, 25)).astype(np.float32), np.arange(4)]
+    honest = [
+        [
+            w + rng.standard_normal(w.shape).astype(w.dtype) if w.dtype.kind == "f" else w
+            for w in global_weights
+        ]
+        for _ in range(16)
+    ]
+    shared = rng.standard_normal((40, 25)).astype(np.float32)  # the bloc's common direction
+    bloc = [
+        [
+            global_weights[0] + shared + 0.3 * rng.standard_normal((40, 25)).astype(np.float32),
+            global_weights[1],
+        ]
+        for _ in range(4)
+    ]
+    new, metrics = InvariantConfig(mask_rule="bloc-exclusion").aggregate(global_weights, honest + bloc)
+    expected, fraction = invariant_update(global_weights, honest, tau=0.6, trim_ratio=0.45)
+    for a, b in zip(new, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert metrics["num_bloc_excluded"] == 4 and metrics["mask_fraction"] == fraction
+    assert metrics["trim_count"] == 7  # of the 16 left: floor(0.45 * 16)
+
+    # independent clients: nobody is excluded, the paper's step bit for bit
+    new, metrics = InvariantConfig(mask_rule="bloc-exclusion").aggregate(global_weights, honest)
+    for a, b in zip(new, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert metrics["num_bloc_excluded"] == 0
+
+
+def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
+    rule = MaskRule("bloc-exclusion", 0.6)
+    a, b = np.sign(np.random.default_rng(2).normal(size=(2, 64)))
+    twins = np.array([a, a, b, b])  # two pairs of twins: every client has a partner
+    outside, metrics = rule.outside_blocs([twins])
+    assert outside.tolist() == [True] * 4 and metrics["num_bloc_excluded"] == 4
+    outside, metrics = rule.outside_blocs([np.vstack([twins, [-a]])])
+    assert outside.tolist() == [True] * 5 and metrics["num_bloc_excluded"] == 4  # one would remain
+    with pytest.raises(ValueError, match="selects clients"):
+        rule.scales([twins])
+
+
 def test_paper_rule_is_the_reference_bit_for_bit() -> None:
     rng = np.random.default_rng(3)
     global_weights = [rng.standard_normal((6, 5)).astype(np.float32), np.arange(4)]
@@ -152,7 +196,8 @@ def test_paper_rule_is_the_reference_bit_for_bit() -> None:
 )
 def test_strategies_take_and_validate_mask_rule(cls) -> None:
     with pytest.raises(
-        ValueError, match="mask_rule must be one of paper, soft-margin, collusion, memory; got 'x'"
+        ValueError,
+        match="mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion; got 'x'",
     ):
         cls(mask_rule="x")
     assert "mask_rule='collusion'" in repr(cls(mask_rule="collusion"))
