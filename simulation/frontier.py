@@ -19,7 +19,7 @@ import numpy as np
 
 from flwr_invariant.settings import DEFAULT_TAU
 
-from .report import RunResult, _as_float, _safe, defense_order, load_runs
+from .report import RunResult, as_float, defense_order, file_safe, load_runs
 
 __all__ = ["BAR", "FrontierPoint", "frontier_points", "write_frontier"]
 
@@ -52,7 +52,7 @@ def _label(run: RunResult) -> str:
 
 
 def _backdoor(run: RunResult) -> list[tuple[int, float]]:
-    values = [(int(r["round"]), _as_float(r.get("acc_backdoor"))) for r in run.records if int(r["round"]) > 0]
+    values = [(int(r["round"]), as_float(r.get("acc_backdoor"))) for r in run.records if int(r["round"]) > 0]
     return [(n, v) for n, v in values if not np.isnan(v)]
 
 
@@ -145,7 +145,7 @@ def write_frontier(results_dirs: Sequence[Path], out_dir: Path, *, plots: bool =
         cell = [p for p in points if (p.task, p.rounds) == (task, rounds)]
         lines += [f"## task `{task}`, {rounds} rounds", "", *_table(cell), ""]
         if plots:
-            path = out_dir / f"frontier__{_safe(task)}__{rounds}.png"
+            path = out_dir / f"frontier__{file_safe(task)}__{rounds}.png"
             _plot(path, task, rounds, cell)
             written.append(path)
     written[0].write_text("\n".join(lines), encoding="utf-8")

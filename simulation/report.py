@@ -31,7 +31,16 @@ from flwr.common.logger import log
 
 from .config import CACHE_DIR_NAME
 
-__all__ = ["METRICS", "ReportFiles", "RunResult", "defense_order", "load_runs", "write_report"]
+__all__ = [
+    "METRICS",
+    "ReportFiles",
+    "RunResult",
+    "as_float",
+    "defense_order",
+    "file_safe",
+    "load_runs",
+    "write_report",
+]
 
 METRICS: tuple[str, ...] = ("acc_main", "acc_backdoor")
 CSV_COLUMNS: tuple[str, ...] = (
@@ -90,7 +99,7 @@ class RunResult:
 
     def final(self, metric: str) -> float:
         """The final round's value of ``metric`` (NaN when absent)."""
-        return _as_float(self.records[-1].get(metric))
+        return as_float(self.records[-1].get(metric))
 
 
 @dataclass
@@ -135,10 +144,10 @@ class _Group:
             before: dict[str, Any] | None = None
             for record in run.records:
                 attackers, number = record.get("attackers_sampled"), int(record["round"])
-                value = _as_float(record.get(metric))
+                value = as_float(record.get(metric))
                 if change:
                     follows = before is not None and int(before["round"]) == number - 1
-                    value = value - _as_float(before.get(metric)) if follows else float("nan")
+                    value = value - as_float(before.get(metric)) if follows else float("nan")
                 before = record
                 if number > 0 and attackers is not None and not np.isnan(value):
                     values.setdefault(int(attackers), []).append(value)
@@ -149,7 +158,7 @@ class _Group:
         per_round: dict[int, list[float]] = {}
         for run in self.runs:
             for record in run.records:
-                value = _as_float(record.get(metric))
+                value = as_float(record.get(metric))
                 if not np.isnan(value):  # acc_main is absent on rounds that eval-every skips
                     per_round.setdefault(int(record["round"]), []).append(value)
         rounds = np.array(sorted(per_round), dtype=int)
@@ -157,7 +166,8 @@ class _Group:
         return rounds, np.array([v.mean() for v in values]), np.array([v.std() for v in values])
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
+    """``float(value)``, NaN for a missing or non-numeric value (a record without that metric)."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -342,7 +352,7 @@ def _write_csv(path: Path, pairs: dict[tuple[str, str], list[_Group]]) -> None:
                 writer.writerow(row)
 
 
-def _safe(name: str) -> str:
+def file_safe(name: str) -> str:
     """A file-name-safe version of a task/attack name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
 
@@ -409,7 +419,7 @@ def write_report(results_dir: Path, out_dir: Path | None = None, *, plots: bool 
     if plots:
         for (task, attack), groups in pairs.items():
             for metric in METRICS:
-                path = out_dir / f"{metric}__{_safe(task)}__{_safe(attack)}.png"
+                path = out_dir / f"{metric}__{file_safe(task)}__{file_safe(attack)}.png"
                 _plot(path, metric, task, attack, groups)
                 plot_paths.append(path)
     return ReportFiles(markdown=markdown_path, csv=csv_path, plots=plot_paths, skipped=list(skipped))
