@@ -56,6 +56,7 @@ from .checkpoint import (
 from .config import resolve_config
 from .pretrain import pretrain
 from .sampling import RoundSampler, make_strategy
+from .triggers import TriggerRelay
 
 __all__ = ["RoundHistory", "app", "discover_partitions", "make_server_app", "run_experiment", "run_rounds"]
 
@@ -156,6 +157,7 @@ def run_rounds(
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord],
     history: RoundHistory,
     after_round: Callable[[int, ArrayRecord], None],
+    relay: TriggerRelay | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round`` .. ``num-server-rounds`` of ``strategy``; returns the final arrays.
 
@@ -163,6 +165,8 @@ def run_rounds(
     only evaluates the starting model), so a run gives the same numbers; unlike it,
     this loop can start after round 0, records the evaluation and train metrics in
     ``history`` and calls ``after_round(round, arrays)`` once each round is evaluated.
+    ``relay`` passes the attackers' optimised trigger on to the next round's clients
+    (``f3ba``, ``a3fl``; its latest trigger is what ``evaluate_fn`` should measure with).
     """
     num_rounds, timeout = config["num-server-rounds"], config["round-timeout"]
     train_config, evaluate_config = ConfigRecord({}), ConfigRecord()
@@ -177,8 +181,12 @@ def run_rounds(
     for server_round in range(max(first_round, 1), num_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+        if relay is not None:
+            relay.attach(train_config)
         messages = strategy.configure_train(server_round, arrays, train_config, grid)
-        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+        if relay is not None:
+            relay.collect(replies)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -264,7 +272,8 @@ def _run_experiment(
             first_round - 1,
             config["num-server-rounds"],
         )
-    evaluate = make_evaluate_fn(config)
+    relay = TriggerRelay()
+    evaluate = make_evaluate_fn(config, lambda: relay.current)
     clock = [time.monotonic()]
 
     def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -296,7 +305,7 @@ def _run_experiment(
         path = write_checkpoint(directory, config, checkpoint)
         log(INFO, "round %d: checkpoint written to %s", server_round, path)
 
-    arrays = run_rounds(strategy, grid, arrays, first_round, config, timed_evaluate, history, save)
+    arrays = run_rounds(strategy, grid, arrays, first_round, config, timed_evaluate, history, save, relay)
     if isinstance(strategy, FLAIN):
         result = Result(
             arrays=arrays,
