@@ -221,7 +221,9 @@ def run_experiment(
     ``acc_main`` and ``loss`` on the rounds ``eval-every`` evaluates), ``seconds``
     (wall time since the previous evaluation), ``attackers_sampled`` and the strategy's
     metrics as ``train_*``.
-    ``on_round`` gets each evaluation row (without ``train_*``) as it happens.
+    ``on_round`` gets each evaluation row (without ``train_*``) as it happens. Under
+    ``f3ba`` / ``a3fl`` the record's ``attack_trigger`` is the attackers' last trigger (hex
+    of :meth:`simulation.triggers.Trigger.to_bytes`).
     """
     directory = Path(config["checkpoint-dir"]).expanduser() if config["checkpoint-dir"] else None
     with checkpoint_lock(directory, wait=LOCK_WAIT):
@@ -320,6 +322,8 @@ def _run_experiment(
         record["pretrain"] = {**pretrained, **{k: start[k] for k in ("acc_main", "acc_backdoor", "loss")}}
     if saved is not None:
         record["resumed_from_round"] = saved.server_round
+    if relay.current is not None:
+        record["attack_trigger"] = relay.current.to_bytes().hex()  # Trigger.from_bytes(bytes.fromhex(...))
     return record
 
 
