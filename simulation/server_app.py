@@ -56,7 +56,7 @@ from .checkpoint import (
 from .config import resolve_config
 from .pretrain import pretrain
 from .sampling import RoundSampler, make_strategy
-from .triggers import TriggerRelay
+from .triggers import OPTIMISED_TRIGGER_ATTACKS, TriggerRelay
 
 __all__ = ["RoundHistory", "app", "discover_partitions", "make_server_app", "run_experiment", "run_rounds"]
 
@@ -267,6 +267,8 @@ def _run_experiment(
             raise CheckpointError(f"checkpoint {str(saved.path)!r}: unreadable history ({error!r})") from None
         arrays = _array_record(saved.model)
         pretrained, first_round = saved.pretrain, saved.server_round + 1
+        if config["attack"] in OPTIMISED_TRIGGER_ATTACKS:
+            log(WARNING, "resuming attack %r: its trigger restarts from the start", config["attack"])
         log(
             INFO,
             "resuming from %s: %d of %d rounds done",
