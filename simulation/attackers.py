@@ -14,11 +14,18 @@ after every optimizer step, :meth:`~Attack.finish` on the trained model. Modes:
   :func:`simulation.attacks.replacement_factor`).
 - ``"alie"``, ``"neurotoxin"``, ``"mask-tipping"``: attackers that know the defense;
   they first train benign estimates on their own clean data (see :mod:`simulation.adaptive`).
+- ``"dba"``, ``"f3ba"``, ``"a3fl"`` (``backdoor = "pixel"``): attacks with a trigger of their
+  own (:mod:`simulation.triggers`): DBA's distributed trigger (:mod:`simulation.dba`),
+  F3BA's flipped filters and trigger (:mod:`simulation.f3ba`), A3FL's adversarially
+  optimised trigger (:mod:`simulation.a3fl`).
 
 ``"none"`` (every client benign) has no object. A new mode is a subclass of
 :class:`Attack` (or :class:`EstimatingAttack`, to start from benign estimates)
 with a ``name``, listed in :data:`ATTACKERS` and in
 :data:`simulation.config.ATTACKS`.
+
+An attack may also change its training set (:meth:`Attack.training_set`, called after
+:meth:`~Attack.before`) and hand back a trigger for the server to relay (:attr:`Attack.trigger_out`).
 """
 
 from __future__ import annotations
@@ -30,13 +37,18 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
-from . import adaptive, attacks
+from . import a3fl, adaptive, attacks, f3ba
 from .data import TaskData
+from .triggers import Trigger
 
 __all__ = [
+    "A3FL",
     "ALIE",
     "ATTACKERS",
+    "DBA",
+    "F3BA",
     "PGD",
     "Attack",
     "AttackContext",
@@ -76,6 +88,10 @@ class AttackContext:
         The client's round seed (its batch order; benign estimates use ``seed + 1 + k``).
     train : TrainFn
         Local training as benign clients do it.
+    trigger : Trigger or None
+        The pixel trigger stamped on the backdoor samples (``backdoor = "pixel"``).
+    num_backdoor : int
+        How many leading rows of ``x`` are backdoor samples.
     """
 
     model: nn.Module
@@ -88,6 +104,8 @@ class AttackContext:
     config: Mapping[str, Any]
     seed: int
     train: TrainFn
+    trigger: Trigger | None = None
+    num_backdoor: int = 0
 
 
 class Attack:
@@ -97,6 +115,8 @@ class Attack:
     """
 
     name: ClassVar[str]
+    #: The trigger this attacker optimised, for the server to relay (``None``: nothing to relay).
+    trigger_out: Trigger | None = None
 
     def __init__(self, context: AttackContext) -> None:
         self.context = context
@@ -109,6 +129,10 @@ class Attack:
 
     def finish(self) -> None:
         """Called once on the trained model; may edit ``context.model`` in place."""
+
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The set local training runs on, asked after :meth:`before`: ``(context.x, context.y)``."""
+        return self.context.x, self.context.y
 
 
 class Blackbox(Attack):
@@ -233,9 +257,91 @@ class MaskTipping(EstimatingAttack):
         adaptive.set_flat_update_(context.model, context.reference, update)
 
 
+class DBA(Attack):
+    """Plain training on backdoor samples stamped with this attacker's part of the
+    distributed trigger (which part: :func:`simulation.dba.attacker_part`)."""
+
+    name = "dba"
+
+
+class OptimisedTrigger(Attack):
+    """An attack that refines the relayed trigger in :meth:`before` (:meth:`optimise`) and
+    trains on its backdoor samples stamped with the result."""
+
+    def optimise(self, images: torch.Tensor, labels: torch.Tensor, trigger: Trigger) -> torch.Tensor:
+        """The refined pattern ``(C, H, W)`` from the clean float images ``(N, C, H, W)`` in ``[0, 1]``."""
+        raise NotImplementedError
+
+    def before(self) -> None:
+        context = self.context
+        if context.trigger is None:
+            raise ValueError(f"attack {self.name!r} needs a pixel trigger (backdoor = 'pixel')")
+        device = next(context.model.parameters()).device
+        clean = slice(context.num_backdoor, None)
+        images = v2.functional.to_dtype(context.x[clean], torch.float32, scale=True).to(device)
+        pattern = self.optimise(images, context.y[clean].to(device), context.trigger)
+        self.trigger_out = context.trigger.with_pattern(pattern.cpu())
+
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        context, count = self.context, self.context.num_backdoor
+        assert self.trigger_out is not None, "before() runs first"
+        return torch.cat([self.trigger_out.stamp(context.x[:count]), context.x[count:]]), context.y
+
+
+class F3BA(OptimisedTrigger):
+    """First-layer candidates flipped toward the trigger, the trigger optimised to excite
+    them (:func:`simulation.f3ba.focused_flip`); the flip stays in the trained model."""
+
+    name = "f3ba"
+
+    def optimise(self, images: torch.Tensor, labels: torch.Tensor, trigger: Trigger) -> torch.Tensor:
+        config = self.context.config
+        pattern, self.flipped = f3ba.focused_flip(
+            self.context.model,
+            trigger.pattern.to(images.device),
+            trigger.mask.to(images.device),
+            images,
+            labels,
+            self.context.task.preprocess,
+            fraction=config["f3ba-flip-fraction"],
+            flip_factor=config["f3ba-flip-factor"],
+            epochs=config["trigger-epochs"],
+            lr=config["trigger-lr"],
+            batch_size=config["batch-size"],
+            seed=self.context.seed,
+        )
+        return pattern
+
+
+class A3FL(OptimisedTrigger):
+    """The trigger refined against the global model and its trigger-unlearning copy
+    (:func:`simulation.a3fl.search_trigger`)."""
+
+    name = "a3fl"
+
+    def optimise(self, images: torch.Tensor, labels: torch.Tensor, trigger: Trigger) -> torch.Tensor:
+        config = self.context.config
+        return a3fl.search_trigger(
+            self.context.model,
+            trigger.pattern.to(images.device),
+            trigger.mask.to(images.device),
+            images,
+            labels,
+            int(config["target-label"]),
+            self.context.task.preprocess,
+            epochs=config["trigger-epochs"],
+            lr=config["trigger-lr"],
+            adv_epochs=config["a3fl-adv-epochs"],
+            adv_lr=config["a3fl-adv-lr"],
+            lambda0=config["a3fl-lambda"],
+            batch_size=config["batch-size"],
+            seed=self.context.seed,
+        )
+
+
 #: Attack mode name -> class; with ``"none"`` these are :data:`simulation.config.ATTACKS`.
 ATTACKERS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (Blackbox, PGD, PGDReplace, ALIE, Neurotoxin, MaskTipping)
+    cls.name: cls for cls in (Blackbox, PGD, PGDReplace, ALIE, Neurotoxin, MaskTipping, DBA, F3BA, A3FL)
 }
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .data import TaskData
+from .triggers import Trigger, square_trigger
 
 __all__ = [
     "apply_trigger",
@@ -51,9 +52,7 @@ def apply_trigger(images: torch.Tensor, size: int) -> torch.Tensor:
     """Copy of uint8 ``(N, C, H, W)`` images with a white ``size`` x ``size`` bottom-right square."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError("the pixel trigger needs uint8 images of shape (N, C, H, W)")
-    stamped = images.clone()
-    stamped[:, :, -size:, -size:] = 255
-    return stamped
+    return square_trigger(images.shape[1:], size).stamp(images)
 
 
 def _take(pool: torch.Tensor, count: int, rng: np.random.Generator) -> torch.Tensor:
@@ -70,7 +69,11 @@ def _take(pool: torch.Tensor, count: int, rng: np.random.Generator) -> torch.Ten
 
 
 def poisoned_dataset(
-    task: TaskData, own_indices: np.ndarray, config: Mapping[str, Any], rng: np.random.Generator
+    task: TaskData,
+    own_indices: np.ndarray,
+    config: Mapping[str, Any],
+    rng: np.random.Generator,
+    trigger: Trigger | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The attacker's training set ``(x, y, num_backdoor)``.
 
@@ -78,7 +81,8 @@ def poisoned_dataset(
     ``target-label``, then ``min(clean-samples, partition size)`` clean examples
     of the attacker's partition with their true labels. Edge-case samples are
     drawn without replacement while the pool lasts (the pool is repeated when
-    more are asked for, e.g. 100 of ARDIS's 66 training 7s).
+    more are asked for, e.g. 100 of ARDIS's 66 training 7s). ``trigger``: what the
+    pixel backdoor stamps (default: the white ``trigger-size`` square).
     """
     target = int(config["target-label"])
     own = torch.from_numpy(np.asarray(own_indices, dtype=np.int64))
@@ -90,21 +94,24 @@ def poisoned_dataset(
         others = own[task.train_y[own] != target]
         if not len(others):  # a partition holding only the target class: use any non-target image
             others = torch.nonzero(task.train_y != target).flatten()
-        bad_x = apply_trigger(
-            task.train_x[_take(others, config["edge-case-samples"], rng)], config["trigger-size"]
-        )
+        trigger = trigger or square_trigger(task.train_x.shape[1:], config["trigger-size"])
+        bad_x = trigger.stamp(task.train_x[_take(others, config["edge-case-samples"], rng)])
     else:
         raise ValueError(f"run config 'backdoor' must be 'edge-case' or 'pixel', got {config['backdoor']!r}")
     bad_y = torch.full((len(bad_x),), target, dtype=torch.int64)
     return torch.cat([bad_x, clean_x]), torch.cat([bad_y, clean_y]), len(bad_x)
 
 
-def backdoor_test_inputs(task: TaskData, config: Mapping[str, Any]) -> torch.Tensor:
-    """Inputs behind ``acc_backdoor``: edge-case test set, or triggered non-target test images."""
+def backdoor_test_inputs(
+    task: TaskData, config: Mapping[str, Any], trigger: Trigger | None = None
+) -> torch.Tensor:
+    """Inputs behind ``acc_backdoor``: edge-case test set, or non-target test images stamped
+    with ``trigger`` (default: the white ``trigger-size`` square)."""
     if config["backdoor"] == "edge-case":
         return task.edge_test_x
     if config["backdoor"] == "pixel":
-        return apply_trigger(task.test_x[task.test_y != int(config["target-label"])], config["trigger-size"])
+        trigger = trigger or square_trigger(task.test_x.shape[1:], config["trigger-size"])
+        return trigger.stamp(task.test_x[task.test_y != int(config["target-label"])])
     raise ValueError(f"run config 'backdoor' must be 'edge-case' or 'pixel', got {config['backdoor']!r}")
 
 

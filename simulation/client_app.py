@@ -5,7 +5,10 @@ and the run config decide whether it trains benignly or runs the configured
 backdoor attack (see :mod:`simulation.attacks`). Replies carry the trained
 weights as an ``ArrayRecord`` under ``"arrays"`` and a ``MetricRecord`` under
 ``"metrics"`` with ``num-examples``, ``train_loss``, ``attacker`` (0/1; a
-simulation label, ignored by the strategies) and ``update_norm``.
+simulation label, ignored by the strategies) and ``update_norm``; an attacker that
+optimised its trigger (``f3ba``, ``a3fl``) adds it as the ConfigRecord ``"trigger"``
+(see :class:`simulation.triggers.TriggerRelay`), and the relayed trigger comes in the
+train config's ``"attack-trigger"``.
 
 ``app`` reads its settings from the run config (``flwr run``);
 :func:`make_client_app` bakes in overrides (for ``run_simulation``, which has
@@ -26,6 +29,7 @@ from .data import load_partitions, load_task
 from .models import get_device
 from .training import evaluate as evaluate_model
 from .training import local_update, model_for
+from .triggers import RELAY_KEY, REPLY_RECORD, Trigger, reply_record
 
 __all__ = ["app", "make_client_app", "partition_of"]
 
@@ -59,12 +63,15 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         config = settings(context)
         round_config = msg.content.get("config", {})
+        relayed = round_config.get(RELAY_KEY)
+        partition = partition_of(context, config)
         result = local_update(
             config,
-            partition_of(context, config),
+            partition,
             int(round_config.get("server-round", 0)),
             msg.content["arrays"].to_torch_state_dict(),
             pretrain=bool(round_config.get("pretrain", False)),
+            trigger=Trigger.from_bytes(bytes(relayed)) if relayed is not None else None,
         )
         metrics = MetricRecord(
             {
@@ -75,6 +82,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             }
         )
         content = RecordDict({"arrays": ArrayRecord(result.state_dict), "metrics": metrics})
+        if result.trigger is not None:
+            content[REPLY_RECORD] = reply_record(result.trigger, partition)
         return Message(content=content, reply_to=msg)
 
     @client_app.evaluate()

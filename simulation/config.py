@@ -40,6 +40,7 @@ __all__ = [
     "SCHEDULES",
     "TASKS",
     "TASK_DEFAULTS",
+    "TRIGGER_ATTACKS",
     "resolve_config",
     "resolve_data_root",
 ]
@@ -90,7 +91,8 @@ DEFAULTS: dict[str, Any] = {
     "weight-decay": 0.0,
     "eval-batch-size": 512,
     # attack
-    "attack": "blackbox",  # none | blackbox | pgd | pgd-replace | alie | neurotoxin | mask-tipping
+    # none | blackbox | pgd | pgd-replace | alie | neurotoxin | mask-tipping | dba | f3ba | a3fl
+    "attack": "blackbox",
     "backdoor": "edge-case",  # edge-case | pixel (BadNets-style trigger)
     "attack-schedule": "pool",  # pool (fixed malicious pool) | every-k (one attacker every k rounds)
     "malicious-fraction": 0.2,
@@ -106,6 +108,14 @@ DEFAULTS: dict[str, Any] = {
     "adaptive-estimates": 3,  # alie, neurotoxin: benign updates the attacker trains as estimates
     "adaptive-z": 1.0,  # alie: stay within mean +- z * std of the benign estimates
     "neurotoxin-top": 0.1,  # neurotoxin: fraction of most-updated coordinates the attacker leaves alone
+    "dba-parts": 4,  # dba: local triggers (bars of trigger-size pixels) the global trigger is split into
+    "trigger-epochs": 1,  # f3ba, a3fl: passes of trigger optimisation over the attacker's images per round
+    "trigger-lr": 0.02,  # f3ba, a3fl: sign-gradient step of the trigger, in pixel units ([0, 1])
+    "f3ba-flip-fraction": 0.02,  # f3ba: fraction of the first conv layer's weights that are flip candidates
+    "f3ba-flip-factor": 1.0,  # f3ba: flipped candidates are multiplied by this (the code's flip_factor)
+    "a3fl-adv-epochs": 1,  # a3fl: epochs the adversarial model unlearns the trigger (0 = none)
+    "a3fl-adv-lr": 0.01,  # a3fl: SGD learning rate of the unlearning (momentum 0.9, weight decay 5e-4)
+    "a3fl-lambda": 0.01,  # a3fl: lambda_0, weight of the adversarial model's trigger loss
     # linear task (paper Sec. 5)
     "linear-features": 20,  # informative Gaussian features (plus one trigger feature)
     "linear-train-size": 20000,
@@ -124,7 +134,20 @@ TASKS = ("cifar10", "fmnist", "sent140", "linear")
 DEFENSES = tuple(defense_names())
 MODELS = ("resnet18", "resnet18-cifar", "resnet18-imagenet", "cnn", "linear", "lstm")
 PARTITIONS = ("dirichlet", "iid", "user")
-ATTACKS = ("none", "blackbox", "pgd", "pgd-replace", "alie", "neurotoxin", "mask-tipping")
+ATTACKS = (
+    "none",
+    "blackbox",
+    "pgd",
+    "pgd-replace",
+    "alie",
+    "neurotoxin",
+    "mask-tipping",
+    "dba",
+    "f3ba",
+    "a3fl",
+)
+#: Attack modes that stamp a trigger of their own (:mod:`simulation.triggers`): ``backdoor = "pixel"`` only.
+TRIGGER_ATTACKS = ("dba", "f3ba", "a3fl")
 BACKDOORS = ("edge-case", "pixel")
 SCHEDULES = ("pool", "every-k")
 
@@ -180,6 +203,8 @@ _POSITIVE_INT = (
     "linear-test-size",
     "trigger-size",
     "adaptive-estimates",
+    "dba-parts",
+    "trigger-epochs",
     "sent140-vocab-size",
     "sent140-seq-length",
     "sent140-test-size",
@@ -192,10 +217,19 @@ _NON_NEGATIVE_INT = (
     "flain-aux-size",
     "train-size",
     "replace-total-examples",
+    "a3fl-adv-epochs",
 )
 _TASK_INT = ("edge-case-samples", "clean-samples")  # >= 0, or -1 for the task's value
 _STRATEGY_PARAMETERS = ("tau", "trim-ratio", "server-learning-rate")  # checked by flwr_invariant.settings
-_NON_NEGATIVE_FLOAT = ("adaptive-z", "momentum", "weight-decay", "pgd-eps", "linear-signal")
+_NON_NEGATIVE_FLOAT = (
+    "adaptive-z",
+    "momentum",
+    "weight-decay",
+    "pgd-eps",
+    "linear-signal",
+    "f3ba-flip-factor",
+    "a3fl-lambda",
+)
 
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -261,6 +295,13 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
         )
     if not 0.0 <= config["neurotoxin-top"] < 1.0:
         raise ValueError(f"run config 'neurotoxin-top' must be in [0, 1), got {config['neurotoxin-top']!r}")
+    for key in ("trigger-lr", "a3fl-adv-lr"):
+        if not (math.isfinite(config[key]) and config[key] > 0):
+            raise ValueError(f"run config {key!r} must be a number > 0, got {config[key]!r}")
+    if not 0.0 < config["f3ba-flip-fraction"] < 1.0:
+        raise ValueError(
+            f"run config 'f3ba-flip-fraction' must be in (0, 1), got {config['f3ba-flip-fraction']!r}"
+        )
     if not (math.isfinite(config["round-timeout"]) and config["round-timeout"] > 0):
         raise ValueError(
             f"run config 'round-timeout' must be a number of seconds > 0, got {config['round-timeout']!r}"
@@ -296,6 +337,11 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError("run config 'model' 'resnet18-imagenet' needs RGB images (cifar10), not 'fmnist'")
     if task in ("linear", "sent140") and config["backdoor"] == "pixel":
         raise ValueError(f"run config 'backdoor' = 'pixel' needs an image task, not {task!r}")
+    if config["attack"] in TRIGGER_ATTACKS and config["backdoor"] != "pixel":
+        raise ValueError(
+            f"run config 'attack' = {config['attack']!r} stamps a pixel trigger: it needs 'backdoor' = "
+            f"'pixel' (and an image task), got 'backdoor' = {config['backdoor']!r}"
+        )
     if config["partition"] == "user" and task != "sent140":
         raise ValueError(f"run config 'partition' = 'user' needs a task with users (sent140), not {task!r}")
     return config

@@ -59,6 +59,7 @@ from .checkpoint import (
 from .config import resolve_config
 from .pretrain import pretrain
 from .sampling import RoundSampler, make_strategy
+from .triggers import OPTIMISED_TRIGGER_ATTACKS, TriggerRelay
 
 __all__ = ["RoundHistory", "app", "discover_partitions", "make_server_app", "run_experiment", "run_rounds"]
 
@@ -221,6 +222,7 @@ def run_rounds(
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord],
     history: RoundHistory,
     after_round: Callable[[int, ArrayRecord], None],
+    relay: TriggerRelay | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round`` .. ``num-server-rounds`` of ``strategy``; returns the final arrays.
 
@@ -228,6 +230,8 @@ def run_rounds(
     only evaluates the starting model), so a run gives the same numbers; unlike it,
     this loop can start after round 0, records the evaluation and train metrics in
     ``history`` and calls ``after_round(round, arrays)`` once each round is evaluated.
+    ``relay`` passes the attackers' optimised trigger on to the next round's clients
+    (``f3ba``, ``a3fl``; its latest trigger is what ``evaluate_fn`` should measure with).
     """
     num_rounds, timeout = config["num-server-rounds"], config["round-timeout"]
     train_config, evaluate_config = ConfigRecord({}), ConfigRecord()
@@ -242,8 +246,12 @@ def run_rounds(
     for server_round in range(max(first_round, 1), num_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+        if relay is not None:
+            relay.attach(train_config)
         messages = strategy.configure_train(server_round, arrays, train_config, grid)
-        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+        if relay is not None:
+            relay.collect(replies)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -278,7 +286,9 @@ def run_experiment(
     ``acc_main`` and ``loss`` on the rounds ``eval-every`` evaluates), ``seconds``
     (wall time since the previous evaluation), ``attackers_sampled`` and the strategy's
     metrics as ``train_*``.
-    ``on_round`` gets each evaluation row (without ``train_*``) as it happens.
+    ``on_round`` gets each evaluation row (without ``train_*``) as it happens. Under
+    ``f3ba`` / ``a3fl`` the record's ``attack_trigger`` is the attackers' last trigger (hex
+    of :meth:`simulation.triggers.Trigger.to_bytes`).
     """
     directory = Path(config["checkpoint-dir"]).expanduser() if config["checkpoint-dir"] else None
     with checkpoint_lock(directory, wait=LOCK_WAIT):
@@ -321,6 +331,8 @@ def _run_experiment(
             raise CheckpointError(f"checkpoint {str(saved.path)!r}: unreadable history ({error!r})") from None
         arrays = _array_record(saved.model)
         pretrained, first_round = saved.pretrain, saved.server_round + 1
+        if config["attack"] in OPTIMISED_TRIGGER_ATTACKS:
+            log(WARNING, "resuming attack %r: its trigger restarts from the start", config["attack"])
         log(
             INFO,
             "resuming from %s: %d of %d rounds done",
@@ -328,7 +340,8 @@ def _run_experiment(
             first_round - 1,
             config["num-server-rounds"],
         )
-    evaluate = make_evaluate_fn(config)
+    relay = TriggerRelay()
+    evaluate = make_evaluate_fn(config, lambda: relay.current)
     clock = [time.monotonic()]
 
     def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -360,7 +373,7 @@ def _run_experiment(
         path = write_checkpoint(directory, config, checkpoint)
         log(INFO, "round %d: checkpoint written to %s", server_round, path)
 
-    arrays = run_rounds(strategy, grid, arrays, first_round, config, timed_evaluate, history, save)
+    arrays = run_rounds(strategy, grid, arrays, first_round, config, timed_evaluate, history, save, relay)
     if isinstance(strategy, FLAIN):
         result = Result(
             arrays=arrays,
@@ -375,6 +388,8 @@ def _run_experiment(
         record["pretrain"] = {**pretrained, **{k: start[k] for k in ("acc_main", "acc_backdoor", "loss")}}
     if saved is not None:
         record["resumed_from_round"] = saved.server_round
+    if relay.current is not None:
+        record["attack_trigger"] = relay.current.to_bytes().hex()  # Trigger.from_bytes(bytes.fromhex(...))
     return record
 
 

@@ -19,6 +19,7 @@ from .attackers import AttackContext, make_attacker
 from .data import TaskData, load_partitions, load_task
 from .models import build_model, get_device
 from .partition import attacker_partitions, is_attacking
+from .triggers import Trigger, attacker_trigger, evaluation_trigger
 
 __all__ = [
     "ClientResult",
@@ -160,6 +161,7 @@ class ClientResult:
     train_loss: float
     attacking: bool
     update_norm: float
+    trigger: Trigger | None = None  # the trigger the attacker optimised, for the server to relay
 
 
 def train_as_configured(
@@ -195,6 +197,7 @@ def local_update(
     server_round: int,
     global_state: Mapping[str, torch.Tensor],
     pretrain: bool = False,
+    trigger: Trigger | None = None,
 ) -> ClientResult:
     """Train the global model on partition ``partition_id``: benignly, or as the attacker.
 
@@ -203,7 +206,8 @@ def local_update(
     ``attack = "none"`` makes every client benign, and so does ``pretrain``
     (a round of :mod:`simulation.pretrain`, with its own shuffling seeds). An
     attacker trains on its poisoned set with the hooks of its
-    :class:`simulation.attackers.Attack`.
+    :class:`simulation.attackers.Attack`. ``trigger``: the trigger the server relayed
+    this round (``f3ba``, ``a3fl``; see :func:`simulation.triggers.attacker_trigger`).
     """
     task = load_task(config)
     parts = load_partitions(config)
@@ -224,8 +228,11 @@ def local_update(
 
     attacker = None
     if _attacks_in(config, partition_id, server_round, pretrain):
+        stamp = None
+        if config["backdoor"] == "pixel":
+            stamp = attacker_trigger(config, task.train_x.shape[1:], partition_id, server_round, trigger)
         poisoned_x, poisoned_y, num_bad = attacks.poisoned_dataset(
-            task, parts[partition_id], config, np.random.default_rng(seed)
+            task, parts[partition_id], config, np.random.default_rng(seed), stamp
         )
         log(
             INFO,
@@ -237,10 +244,12 @@ def local_update(
             len(poisoned_y) - num_bad,
         )
         attacker = make_attacker(
-            AttackContext(model, reference, task, x, y, poisoned_x, poisoned_y, config, seed, train_fn)
+            AttackContext(
+                model, reference, task, x, y, poisoned_x, poisoned_y, config, seed, train_fn, stamp, num_bad
+            )
         )
         attacker.before()
-        x, y = poisoned_x, poisoned_y
+        x, y = attacker.training_set()
     loss = train_as_configured(
         model, x, y, task, config, device, seed, attacker.after_step if attacker else None
     )
@@ -248,7 +257,8 @@ def local_update(
         attacker.finish()
     norm = attacks.update_norm(model, reference)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return ClientResult(state, len(y), loss, attacker is not None, norm)
+    trigger_out = attacker.trigger_out if attacker else None
+    return ClientResult(state, len(y), loss, attacker is not None, norm, trigger_out)
 
 
 def _attacks_in(config: Mapping[str, Any], partition_id: int, server_round: int, pretrain: bool) -> bool:
@@ -277,24 +287,39 @@ def is_full_evaluation(server_round: int, config: Mapping[str, Any]) -> bool:
     return server_round == 0 or server_round == last or server_round % every == 0
 
 
-def make_evaluate_fn(config: Mapping[str, Any]) -> Callable[[int, ArrayRecord], MetricRecord]:
+def make_evaluate_fn(
+    config: Mapping[str, Any], relayed: Callable[[], Trigger | None] | None = None
+) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Server-side ``evaluate_fn(server_round, arrays) -> MetricRecord`` for ``strategy.start``.
 
     Metrics: ``acc_backdoor`` every round (fraction of the backdoor test inputs
     classified as ``target-label``; see :func:`simulation.attacks.backdoor_test_inputs`;
     a few hundred inputs, so cheap), and on the rounds :func:`is_full_evaluation`
     picks (``eval-every``) ``acc_main`` (accuracy on the clean test set) and
-    ``loss`` (its mean cross-entropy).
+    ``loss`` (its mean cross-entropy). ``relayed()``: the attackers' latest trigger
+    (``f3ba``, ``a3fl``), which the pixel backdoor's test inputs then carry
+    (:func:`simulation.triggers.evaluation_trigger`).
     """
     task = load_task(config)
-    backdoor_x = attacks.backdoor_test_inputs(task, config)
+
+    def inputs_for(trigger: Trigger | None) -> torch.Tensor:
+        if config["backdoor"] != "pixel":
+            return attacks.backdoor_test_inputs(task, config)
+        return attacks.backdoor_test_inputs(
+            task, config, evaluation_trigger(config, task.test_x.shape[1:], trigger)
+        )
+
+    shown: list[Any] = [None, inputs_for(None)]  # the relayed trigger the inputs carry, the inputs
     device = get_device(config["device"])
     model = model_for(task, config)
     batch = config["eval-batch-size"]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        acc_b = backdoor_accuracy(model, backdoor_x, config["target-label"], task.preprocess, batch, device)
+        latest = relayed() if relayed is not None else None
+        if latest is not shown[0]:
+            shown[:] = [latest, inputs_for(latest)]
+        acc_b = backdoor_accuracy(model, shown[1], config["target-label"], task.preprocess, batch, device)
         if not is_full_evaluation(server_round, config):
             return MetricRecord({"acc_backdoor": acc_b})
         loss, acc = evaluate(model, task.test_x, task.test_y, task.preprocess, batch, device)
