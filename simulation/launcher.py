@@ -89,7 +89,8 @@ def backend_config(resources: Resources, config: Mapping[str, Any], num_gpus: in
     if resources.ray_address:
         init_args["address"] = resources.ray_address  # the cluster brings its own CPUs and GPUs
     else:
-        init_args.update(num_cpus=os.cpu_count() or 1, num_gpus=num_gpus if share else 0)
+        # "local": a new Ray instance even when a cluster started with `ray start` runs on this machine
+        init_args.update(address="local", num_cpus=os.cpu_count() or 1, num_gpus=num_gpus if share else 0)
     return {
         "client_resources": {"num_cpus": resources.cpus_per_client, "num_gpus": share},
         "init_args": init_args,

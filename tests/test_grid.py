@@ -193,6 +193,8 @@ def test_gpu_share_rules():
     config = {"clients-per-round": 4}
     attached = backend_config(Resources(ray_address="auto"), config, num_gpus=0)["init_args"]
     assert attached["address"] == "auto" and "num_cpus" not in attached
+    own = backend_config(Resources(), config, num_gpus=0)["init_args"]
+    assert own["address"] == "local" and own["num_cpus"] >= 1  # never a cluster `ray start` left
 
 
 def test_requested_client_resources_reach_rays_scheduler(caplog):
