@@ -4,6 +4,7 @@ import importlib
 import tomllib
 from pathlib import Path
 
+import pytest
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
@@ -22,3 +23,9 @@ def test_components_are_flower_apps():
     for key, kind in (("serverapp", ServerApp), ("clientapp", ClientApp)):
         module, _, name = APP["components"][key].partition(":")
         assert isinstance(getattr(importlib.import_module(module), name), kind)
+
+
+def test_server_side_data_sizes_are_validated() -> None:
+    for key in ("fltrust-root-size", "deepsight-probe-size"):
+        with pytest.raises(ValueError, match=key):
+            resolve_config({key: 0})
