@@ -215,10 +215,11 @@ def test_federation_config_uses_flowers_simulation_config_names():
     assert "init-args-num-cpus" not in attached and "init-args-num-gpus" not in attached
     assert launcher.superlink_env(Resources(ray_address="auto"))["RAY_ADDRESS"] == "auto"
     assert launcher.superlink_env(Resources())["RAY_ADDRESS"] is None  # an inherited one is removed
-    from flwr.supercore.utils import simulation_config_from_json
+    from flwr.proto.federation_config_pb2 import SimulationConfig
 
-    # every key is a field of Flower's SimulationConfig (what `flwr run --federation-config` fills)
-    simulation_config_from_json({k.replace("-", "_"): v for k, v in local.items()})
+    # every key names a field of Flower's SimulationConfig (what `flwr run --federation-config` fills)
+    fields = {field.name for field in SimulationConfig.DESCRIPTOR.fields}
+    assert {key.replace("-", "_") for key in local} <= fields
 
 
 #: One round of the linear task on 4 SuperNodes, FedAvg (it averages the clients' metrics).
