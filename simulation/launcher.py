@@ -238,7 +238,7 @@ def run(
                         follow()
                         time.sleep(0.5)
                 follow()
-                runs = link.runs()
+                runs = link.finished_runs()
             except BaseException:
                 link.stop_runs()
                 raise

@@ -186,6 +186,17 @@ class LocalSuperLink:
         except json.JSONDecodeError:
             raise RuntimeError(f"`flwr ls` failed:\n{done.stdout}\n{done.stderr}") from None
 
+    def finished_runs(self, timeout: float = 120.0) -> list[dict[str, Any]]:
+        """:meth:`runs`, once every run has a ``finished:*`` status (or after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.runs()
+            if all(str(run.get("status", "")).startswith("finished") for run in runs):
+                return runs
+            if time.monotonic() > deadline:
+                return runs
+            time.sleep(1.0)
+
     def stop_runs(self, timeout: float = 30.0) -> None:
         """``flwr stop`` every unfinished run, then wait (up to ``timeout``) until they have ended."""
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
