@@ -268,7 +268,16 @@ def ray_cluster(tmp_path):
     with (tmp_path / "ray.log").open("wb") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
     try:
-        wait_for(lambda: port_open(port), 120, "the Ray head")
+        log_path = tmp_path / "ray.log"
+
+        def started() -> bool:
+            if head.poll() is not None:
+                raise RuntimeError(
+                    f"`ray start --head` exited:\n{log_path.read_text(errors='replace')[-2000:]}"
+                )
+            return port_open(port) and "Ray runtime started" in log_path.read_text(errors="replace")
+
+        wait_for(started, 180, "the Ray head")
         yield f"127.0.0.1:{port}"
     finally:
         tree = process_tree([head.pid])
