@@ -133,16 +133,17 @@ def federation_config(
     return federation
 
 
-def superlink_env(resources: Resources) -> dict[str, str | None]:
+def superlink_env(resources: Resources) -> dict[str, str]:
     """Environment of the launcher's SuperLink: Ray's address and the silenced Ray notice.
 
-    Without ``ray_address``, an inherited ``RAY_ADDRESS`` is removed (None) so that Ray
-    starts on this machine; ``FLWR_INVARIANT_DATA_ROOT`` is made absolute.
+    Without ``ray_address`` it is ``"local"``: Ray starts a new instance on this machine even
+    when ``ray start`` left one running (``ray.init()`` would attach to that one otherwise);
+    ``FLWR_INVARIANT_DATA_ROOT`` is made absolute.
     """
     warnings = os.environ.get("PYTHONWARNINGS", "")
-    env: dict[str, str | None] = {
+    env = {
         "PYTHONWARNINGS": f"{warnings},{RAY_NOTICE_FILTER}" if warnings else RAY_NOTICE_FILTER,
-        "RAY_ADDRESS": resources.ray_address or None,
+        "RAY_ADDRESS": resources.ray_address or "local",
     }
     if root := os.environ.get(DATA_ROOT_ENV):
         env[DATA_ROOT_ENV] = str(Path(root).expanduser().resolve())

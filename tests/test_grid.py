@@ -7,9 +7,11 @@ and ``flwr run``), as ``python -m simulation`` runs them.
 import contextlib
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +216,7 @@ def test_federation_config_uses_flowers_simulation_config_names():
     attached = federation_config(Resources(ray_address="auto"), config, num_gpus=0)
     assert "init-args-num-cpus" not in attached and "init-args-num-gpus" not in attached
     assert launcher.superlink_env(Resources(ray_address="auto"))["RAY_ADDRESS"] == "auto"
-    assert launcher.superlink_env(Resources())["RAY_ADDRESS"] is None  # an inherited one is removed
+    assert launcher.superlink_env(Resources())["RAY_ADDRESS"] == "local"  # never a `ray start` cluster
     from flwr.proto.federation_config_pb2 import SimulationConfig
 
     # every key names a field of Flower's SimulationConfig (what `flwr run --federation-config` fills)
@@ -262,9 +264,13 @@ def test_requested_client_resources_reach_rays_scheduler(ray_resources_app, tmp_
 def ray_cluster(tmp_path):
     """``ray start --head --block``, 2 CPUs and 1 GPU, on a free port; stopped by pid, never ``ray stop``."""
     port = free_port()
+    # A temp dir of its own: `ray start` records its address there (by default in
+    # /tmp/ray/ray_current_cluster, where every later ray.init() on the machine would find it).
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
     ray_bin = Path(sys.executable).parent / "ray"
     command = [str(ray_bin), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2"]
     command += ["--num-gpus", "1", "--include-dashboard", "false", "--disable-usage-stats"]
+    command += ["--temp-dir", temp_dir]
     with (tmp_path / "ray.log").open("wb") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
     try:
@@ -289,6 +295,7 @@ def ray_cluster(tmp_path):
                 launcher.os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_address_attaches_to_a_running_cluster(ray_resources_app, ray_cluster, tmp_path):
@@ -345,3 +352,26 @@ def test_grid_cells_are_a_union_of_products_each_run_once(tmp_path):
     path.write_text('[[cells]]\ndefenses = ["fedavg"]\nattacks = ["sneaky"]\n')
     with pytest.raises(ValueError, match="'attack' must be one of"):
         load_grid(path)
+
+
+def test_compare_prints_progress_and_the_table_without_warnings(tmp_path):
+    """The README's main job as a command: progress bars and the table; no Flower log, no warnings."""
+    sets = ["num-partitions=4", "clients-per-round=4", "linear-train-size=400", "linear-test-size=100"]
+    command = [
+        sys.executable,
+        "-m",
+        "simulation.compare",
+        "--task",
+        "linear",
+        "--rounds",
+        "1",
+        "--set",
+        *sets,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900, check=False)  # noqa: S603
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "| fedavg | 0 | 1 |" in done.stdout and "| invariant | 0 | 1 |" in done.stdout
+    assert "fedavg seed 0: 100%" in done.stderr  # the progress bar
+    for unwanted in ("DEPRECATED", "Warning", "[ROUND", "Traceback"):
+        assert unwanted not in output, unwanted
