@@ -73,6 +73,8 @@ __all__ = ["GridSpec", "load_grid", "run_grid", "run_into", "versions"]
 
 #: A run's checkpoint directory: ``OUTPUT/<run>/checkpoint``.
 CHECKPOINT_DIR_NAME = "checkpoint"
+#: Seconds a run waits for its checkpoint directory's lock (as the ServerApp does).
+LOCK_WAIT = 120.0
 #: Flower's log of a run: ``OUTPUT/<run>/flower.log``.
 FLOWER_LOG_NAME = "flower.log"
 GRID_KEYS = ("name", "output", "defenses", "attacks", "seeds", "cells", "base", "resources")
@@ -245,7 +247,9 @@ def run_into(
     config = resolve_config(overrides)
     checkpoint_dir = Path(config["checkpoint-dir"])
     previous = _read_meta(run_dir)
-    with checkpoint_lock(checkpoint_dir):  # not while another process runs it (the ServerApp locks it)
+    # Not while another process runs it (the ServerApp locks it); the ServerApp of a killed
+    # launcher runs on until Flower's parent-process monitor ends it, so wait for it a while.
+    with checkpoint_lock(checkpoint_dir, wait=LOCK_WAIT):
         if previous.get("completed") is True and clear_checkpoint(checkpoint_dir):
             log(INFO, "%s: completed earlier; running it again from round 0", run_dir.name)
         saved = read_checkpoint(checkpoint_dir, config)
