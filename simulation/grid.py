@@ -274,23 +274,19 @@ def run_into(
         _keep_rounds(metrics_path, saved.server_round)
         mode = "a"
     _write_json(run_dir / "config.json", meta)
-    with metrics_path.open(mode, encoding="utf-8") as stream:
-
-        def on_round(row: dict[str, Any]) -> None:
-            stream.write(json.dumps(row, default=float) + "\n")
-            stream.flush()
-
-        done = 0 if saved is None else saved.server_round + 1
-        record = run(
-            overrides,
-            resources,
-            progress=progress,
-            label=run_dir.name,
-            on_round=on_round,
-            done=done,
-            flower_log=run_dir / FLOWER_LOG_NAME,
-            verbose=verbose,
-        )
+    if mode == "w":
+        metrics_path.write_text("", encoding="utf-8")
+    # The ServerApp appends each round's row to metrics.jsonl itself, before the round's checkpoint.
+    record = run(
+        overrides,
+        resources,
+        progress=progress,
+        label=run_dir.name,
+        done=0 if saved is None else saved.server_round + 1,
+        flower_log=run_dir / FLOWER_LOG_NAME,
+        verbose=verbose,
+        rounds_file=metrics_path,
+    )
     temporary = metrics_path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(json.dumps(row, default=float) + "\n" for row in record["rounds"]))
     os.replace(temporary, metrics_path)

@@ -180,6 +180,7 @@ def run(
     flower_log: Path | None = None,
     verbose: bool = False,
     app_dir: Path | None = None,
+    rounds_file: Path | None = None,
 ) -> dict[str, Any]:
     """One simulation with ``num-partitions`` SuperNodes; returns the ServerApp's record.
 
@@ -189,6 +190,8 @@ def run(
     ``flower_log``: file for Flower's log of the run (default: a temporary one,
     quoted when the run fails); ``verbose``: print it to stderr as well.
     ``app_dir``: a Flower App to run instead of :func:`simulation.flower_app.write_app_dir`'s.
+    ``rounds_file``: the JSON-lines file the ServerApp appends each row to, before the round's
+    checkpoint (default: a temporary one); rows already in it are not reported again.
     Raises ``RuntimeError`` (with the end of Flower's log) when the run fails.
     """
     from tqdm import tqdm
@@ -204,7 +207,7 @@ def run(
         work = Path(scratch)
         run_config = _run_config(config, resolved)
         results = Path(run_config.get("results-file") or work / "results.json")
-        rounds = work / "rounds.jsonl"
+        rounds = (rounds_file or work / "rounds.jsonl").resolve()
         run_config.update({"results-file": str(results), "rounds-file": str(rounds)})
         log_path = flower_log or work / "flower.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +219,7 @@ def run(
             unit="round",
             disable=not progress,
         )
-        seen, echoed = 0, 0
+        seen, echoed = len(_new_rows(rounds, 0)), 0
 
         def follow() -> None:
             nonlocal seen, echoed
