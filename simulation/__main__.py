@@ -9,6 +9,8 @@
 
 Resource flags (run, grid): --cpus-per-client, --gpus-per-client (a share of
 one GPU such as 0.25, or "auto"), --concurrency, --ray-address, --allow-cpu-fallback.
+Each run goes through a local Flower SuperLink (:mod:`simulation.launcher`); Flower's
+log of a run is in RUN_DIR/flower.log, and on stderr too with --verbose.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ __all__ = ["main"]
 
 def _add_resource_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("client resources (Ray)")
-    group.add_argument("--cpus-per-client", type=float, help="CPUs per virtual client (default 1)")
+    group.add_argument("--cpus-per-client", type=int, help="whole CPUs per virtual client (default 1)")
     group.add_argument(
         "--gpus-per-client", help="share of one GPU per client, e.g. 0.25, or 'auto' (default 0)"
     )
@@ -37,6 +39,7 @@ def _add_resource_flags(parser: argparse.ArgumentParser) -> None:
         "--ray-address", help="attach to a running Ray cluster, e.g. 'auto' or 'ray://head:10001'"
     )
     group.add_argument("--allow-cpu-fallback", action="store_true", help="use the CPU when no GPU is visible")
+    parser.add_argument("--verbose", action="store_true", help="print Flower's log of each run to stderr")
 
 
 def _resources(args: argparse.Namespace, base: Any = None) -> Any:
@@ -75,7 +78,7 @@ def _run(args: argparse.Namespace) -> None:
     check_task_files(resolve_config(overrides))  # a bad value or missing file fails here, before any output
     out = Path(args.out)
     check_writable(out)
-    record = run_into(out, overrides, _resources(args, resources))
+    record = run_into(out, overrides, _resources(args, resources), verbose=args.verbose)
     last = record["rounds"][-1]
     print(
         f"{out}: round {last['round']} acc_main {last['acc_main']:.4f} "
@@ -90,7 +93,7 @@ def _grid(args: argparse.Namespace) -> None:
     if args.output:
         spec.output = Path(args.output)
     spec.resources = _resources(args, spec.resources)
-    run_dirs = run_grid(spec, progress=not args.no_progress)
+    run_dirs = run_grid(spec, progress=not args.no_progress, verbose=args.verbose)
     print(f"{len(run_dirs)} runs in {spec.output}; report: python -m simulation report {spec.output}")
 
 

@@ -65,6 +65,7 @@ VERSION = 1
 EXEMPT_KEYS = frozenset(
     {
         "results-file",
+        "rounds-file",
         "checkpoint-dir",
         "checkpoint-every",
         "data-root",

@@ -11,18 +11,18 @@ optimised its trigger (``f3ba``, ``a3fl``) adds it as the ConfigRecord ``"trigge
 train config's ``"attack-trigger"``.
 
 ``app`` reads its settings from the run config (``flwr run``);
-:func:`make_client_app` bakes in overrides (for ``run_simulation``, which has
-no run config).
+:func:`make_client_app` bakes in overrides (for tests that run the apps in-process).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from .config import resolve_config
 from .data import load_partitions, load_task
@@ -52,9 +52,12 @@ def partition_of(context: Context, config: Mapping[str, Any]) -> int:
     return int(node["partition-id"])
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ``ClientApp`` whose run config is ``DEFAULTS | context.run_config | overrides``."""
-    client_app = ClientApp()
+def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ``ClientApp`` whose run config is ``DEFAULTS | context.run_config | overrides``.
+
+    ``mods``: Flower client mods wrapped around every handler.
+    """
+    client_app = ClientApp(mods=list(mods))
 
     def settings(context: Context) -> dict[str, Any]:
         return resolve_config(context.run_config, overrides)

@@ -1,4 +1,4 @@
-"""Run FedAvg and InvariantAggregation on the same seeds with ``run_simulation``; print a table.
+"""Run FedAvg and InvariantAggregation on the same seeds (Flower simulations); print a table.
 
 Example (linear task, seconds on a CPU)::
 
@@ -6,7 +6,8 @@ Example (linear task, seconds on a CPU)::
     python -m simulation.compare --task fmnist --rounds 15 \
         --set num-partitions=30 clients-per-round=10 train-size=9000 data-root=/data
 
-``--set key=value`` takes any run-config key of :mod:`simulation.config`.
+``--set key=value`` takes any run-config key of :mod:`simulation.config`. A progress bar
+per run, then the table; ``--verbose`` also prints Flower's log of each run.
 """
 
 from __future__ import annotations
@@ -23,22 +24,28 @@ __all__ = ["compare", "format_table", "parse_sets", "run_one"]
 
 def run_one(
     config: Mapping[str, Any],
-    num_cpus_per_client: float = 1.0,
+    num_cpus_per_client: int = 1,
     num_gpus_per_client: float = 0.25,
     verbose: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """One simulation (``num-partitions`` SuperNodes); returns the ServerApp's per-round record.
 
     ``num_gpus_per_client`` applies only when a CUDA GPU is visible (else the CPU is used).
+    ``verbose``: print Flower's log too.
     """
     from .launcher import Resources, run, visible_gpus
 
     resources = Resources(num_cpus_per_client, num_gpus_per_client if visible_gpus() else 0.0)
-    return run(config, resources, progress=verbose, label=str(config.get("defense", "")))
+    label = f"{config.get('defense', '')} seed {config.get('seed', 0)}"
+    return run(config, resources, progress=progress, label=label, verbose=verbose)
 
 
 def compare(
-    base: Mapping[str, Any], defenses: Sequence[str] = ("fedavg", "invariant"), seeds: Sequence[int] = (0,)
+    base: Mapping[str, Any],
+    defenses: Sequence[str] = ("fedavg", "invariant"),
+    seeds: Sequence[int] = (0,),
+    verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Every defense on every seed with otherwise equal config; one summary row per run.
 
@@ -48,7 +55,11 @@ def compare(
     with tempfile.TemporaryDirectory(prefix="flwr-invariant-pretrain-") as scratch:
         if base.get("pretrain-rounds") and not base.get("pretrain-cache"):
             base = {**base, "pretrain-cache": scratch}
-        return [_summary(run_one({**base, "defense": d, "seed": s}), d, s) for s in seeds for d in defenses]
+        return [
+            _summary(run_one({**base, "defense": d, "seed": s}, verbose=verbose), d, s)
+            for s in seeds
+            for d in defenses
+        ]
 
 
 def _summary(record: dict[str, Any], defense: str, seed: int) -> dict[str, Any]:
@@ -102,9 +113,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--defenses", nargs="+", default=["fedavg", "invariant"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other run-config keys")
     parser.add_argument("--json", default="", help="write all per-round records to this file")
+    parser.add_argument("--verbose", action="store_true", help="print Flower's log of each run too")
     args = parser.parse_args(argv)
     base = {"task": args.task, "num-server-rounds": args.rounds, **parse_sets(args.set)}
-    rows = compare(base, args.defenses, args.seeds)
+    rows = compare(base, args.defenses, args.seeds, verbose=args.verbose)
     if args.json:
         Path(args.json).write_text(json.dumps([r["record"] for r in rows], indent=1, default=float))
     print(format_table(rows))

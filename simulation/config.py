@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "round-timeout": 3600.0,  # seconds a round (and the wait for all nodes) may take
     "eval-every": 1,  # clean test set every k rounds (and rounds 0 and last); backdoor set every round
     "results-file": "",  # JSON file the ServerApp writes per-round metrics to ("" = none)
+    "rounds-file": "",  # JSON-lines file the ServerApp appends each evaluation row to ("" = none)
     "pretrain-rounds": 0,  # benign FedAvg rounds that train the starting model (see simulation/pretrain.py)
     "pretrain-cache": "",  # directory keeping pretrained starting models ("" = none)
     "checkpoint-dir": "",  # the ServerApp's round checkpoint; resumed from if present ("" = none)

@@ -10,7 +10,8 @@ Each run writes ``OUTPUT/<defense>__<attack>__seed<seed>/``:
   interrupted) and (with ``pretrain-rounds``) the pretrained model's accuracies;
   ``python -m simulation run --from config.json`` repeats the run;
 - ``checkpoint/``: the ServerApp's last round checkpoint (the final model once
-  the run completed).
+  the run completed);
+- ``flower.log``: Flower's log of the run (SuperLink, simulation runtime, ServerApp).
 
 A run whose ``config.json`` says ``completed`` is skipped when the grid runs
 again, and an interrupted run resumes from its last round checkpoint
@@ -72,6 +73,10 @@ __all__ = ["GridSpec", "load_grid", "run_grid", "run_into", "versions"]
 
 #: A run's checkpoint directory: ``OUTPUT/<run>/checkpoint``.
 CHECKPOINT_DIR_NAME = "checkpoint"
+#: Seconds a run waits for its checkpoint directory's lock (as the ServerApp does).
+LOCK_WAIT = 120.0
+#: Flower's log of a run: ``OUTPUT/<run>/flower.log``.
+FLOWER_LOG_NAME = "flower.log"
 GRID_KEYS = ("name", "output", "defenses", "attacks", "seeds", "cells", "base", "resources")
 CELL_KEYS = ("defenses", "attacks", "seeds")
 RESOURCE_KEYS = {
@@ -214,9 +219,17 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def run_into(
-    run_dir: Path, overrides: Mapping[str, Any], resources: Resources, grid: str = "", progress: bool = True
+    run_dir: Path,
+    overrides: Mapping[str, Any],
+    resources: Resources,
+    grid: str = "",
+    progress: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """One run into ``run_dir`` (``config.json`` + ``metrics.jsonl``); returns its record.
+
+    Flower's log of the run is appended to ``run_dir/flower.log`` (``verbose``: and
+    printed to stderr).
 
     The ServerApp keeps a round checkpoint in ``run_dir/checkpoint`` (unless the
     overrides set ``checkpoint-dir``). A run that did not complete resumes from it:
@@ -234,7 +247,9 @@ def run_into(
     config = resolve_config(overrides)
     checkpoint_dir = Path(config["checkpoint-dir"])
     previous = _read_meta(run_dir)
-    with checkpoint_lock(checkpoint_dir):  # not while another process runs it (the ServerApp locks it)
+    # Not while another process runs it (the ServerApp locks it); the ServerApp of a killed
+    # launcher runs on until Flower's parent-process monitor ends it, so wait for it a while.
+    with checkpoint_lock(checkpoint_dir, wait=LOCK_WAIT):
         if previous.get("completed") is True and clear_checkpoint(checkpoint_dir):
             log(INFO, "%s: completed earlier; running it again from round 0", run_dir.name)
         saved = read_checkpoint(checkpoint_dir, config)
@@ -259,16 +274,19 @@ def run_into(
         _keep_rounds(metrics_path, saved.server_round)
         mode = "a"
     _write_json(run_dir / "config.json", meta)
-    with metrics_path.open(mode, encoding="utf-8") as stream:
-
-        def on_round(row: dict[str, Any]) -> None:
-            stream.write(json.dumps(row, default=float) + "\n")
-            stream.flush()
-
-        done = 0 if saved is None else saved.server_round + 1
-        record = run(
-            overrides, resources, progress=progress, label=run_dir.name, on_round=on_round, done=done
-        )
+    if mode == "w":
+        metrics_path.write_text("", encoding="utf-8")
+    # The ServerApp appends each round's row to metrics.jsonl itself, before the round's checkpoint.
+    record = run(
+        overrides,
+        resources,
+        progress=progress,
+        label=run_dir.name,
+        done=0 if saved is None else saved.server_round + 1,
+        flower_log=run_dir / FLOWER_LOG_NAME,
+        verbose=verbose,
+        rounds_file=metrics_path,
+    )
     temporary = metrics_path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(json.dumps(row, default=float) + "\n" for row in record["rounds"]))
     os.replace(temporary, metrics_path)
@@ -325,8 +343,10 @@ def check_writable(directory: Path) -> None:
         raise PermissionError(f"output directory {str(directory)!r} is not writable: {error}") from None
 
 
-def run_grid(spec: GridSpec, *, progress: bool = True) -> list[Path]:
+def run_grid(spec: GridSpec, *, progress: bool = True, verbose: bool = False) -> list[Path]:
     """Run every not yet completed run of ``spec``; returns all run directories.
+
+    ``verbose``: print Flower's log of each run to stderr too.
 
     A missing data root or sent140 file stops it before the first run (``FileNotFoundError``).
     """
@@ -344,5 +364,5 @@ def run_grid(spec: GridSpec, *, progress: bool = True) -> list[Path]:
             log(INFO, "[%d/%d] %s: completed earlier, skipped", index, len(runs), name)
             continue
         log(INFO, "[%d/%d] %s", index, len(runs), name)
-        run_into(run_dir, overrides, spec.resources, spec.name, progress)
+        run_into(run_dir, overrides, spec.resources, spec.name, progress, verbose)
     return run_dirs

@@ -409,7 +409,8 @@ def make_server_app(
     """A ``ServerApp`` whose run config is ``DEFAULTS | context.run_config | overrides``.
 
     ``on_result`` receives the per-round record when the run ends (run config
-    ``results-file``, if set, gets it as JSON); ``on_round`` each evaluation row.
+    ``results-file``, if set, gets it as JSON); ``on_round`` each evaluation row
+    (run config ``rounds-file``, if set, gets each as a JSON line as it happens).
     """
     server_app = ServerApp()
 
@@ -417,7 +418,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         config = resolve_config(context.run_config, overrides)
         log(INFO, "simulation config: %s", {k: config[k] for k in ("task", "defense", "attack", "backdoor")})
-        record = run_experiment(grid, config, on_round)
+        record = run_experiment(grid, config, _round_sink(config["rounds-file"], on_round))
         for row in record["rounds"]:
             shown = " ".join(f"{k} {row[k]:.4f}" for k in ("acc_main", "acc_backdoor", "loss") if k in row)
             log(INFO, "round %s: %s", row["round"], shown)
@@ -432,6 +433,24 @@ def make_server_app(
             log(WARNING, "no 'results-file' set: per-round metrics are only in the log")
 
     return server_app
+
+
+def _round_sink(
+    path: str, on_round: Callable[[dict[str, Any]], None] | None
+) -> Callable[[dict[str, Any]], None] | None:
+    """``on_round``, also appending each row to the JSON-lines file ``path`` (if set)."""
+    if not path:
+        return on_round
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def sink(row: dict[str, Any]) -> None:
+        with target.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(row, default=float) + "\n")
+        if on_round is not None:
+            on_round(row)
+
+    return sink
 
 
 app = make_server_app()

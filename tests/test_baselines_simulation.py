@@ -31,7 +31,10 @@ def test_every_defense_runs_two_rounds_by_name():
         for name in baselines.defense_names():
             records[name] = run_experiment(grid, resolve_config(CONFIG, {"defense": name}))
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"address": "local", "num_cpus": 2},
+    }
     run_simulation(server_app, make_client_app(CONFIG), CONFIG["num-partitions"], backend_config=backend)
 
     assert sorted(records) == sorted(baselines.defense_names())

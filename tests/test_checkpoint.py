@@ -402,7 +402,7 @@ def killed_and_resumed(tmp_path_factory):
             start_new_session=True,
         )
     try:
-        wait_for(lambda: (checkpoint_round(run_dir) or 0) >= 2, 240, "the round-2 checkpoint")
+        wait_for(lambda: (checkpoint_round(run_dir) or 0) >= 2, 600, "the round-2 checkpoint")
     finally:
         kill_tree(popen)
     killed_at = checkpoint_round(run_dir)

@@ -1,23 +1,30 @@
-"""The launcher, experiment grids and reports, through real Flower simulations on Ray."""
+"""The launcher, experiment grids and reports, through real Flower simulations on Ray.
 
+Every run goes through the launcher's local SuperLink (``flower-superlink --simulation``
+and ``flwr run``), as ``python -m simulation`` runs them.
+"""
+
+import contextlib
 import csv
 import json
-import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
 from simulation import launcher
 from simulation.__main__ import main as cli
+from simulation.flower_app import write_app_dir
 from simulation.grid import is_completed, load_grid, run_grid, run_into
-from simulation.launcher import Resources, backend_config, gpu_share
+from simulation.launcher import Resources, federation_config, gpu_share
 from simulation.report import write_report
+
+from .deploy.helpers import free_port, port_open, process_tree, wait_for
 
 GRID = """
 name = "smoke"
@@ -95,7 +102,7 @@ def test_completed_runs_are_skipped_and_unfinished_ones_rerun(grid_output, monke
     (unfinished / "config.json").write_text(json.dumps({**meta, "completed": False}))
     reran = []
 
-    def fake_run_into(run_dir, overrides, resources, grid="", progress=True):
+    def fake_run_into(run_dir, overrides, resources, grid="", progress=True, verbose=False):
         reran.append(run_dir.name)
         (run_dir / "config.json").write_text(json.dumps({**meta, "completed": True}))
 
@@ -190,57 +197,127 @@ def test_gpu_share_rules():
     assert gpu_share(Resources(gpus_per_client="auto", allow_cpu_fallback=True), 0, 8) == 0.0
     with pytest.raises(ValueError, match="gpus-per-client"):
         Resources(gpus_per_client=2)
-    config = {"clients-per-round": 4}
-    attached = backend_config(Resources(ray_address="auto"), config, num_gpus=0)["init_args"]
-    assert attached["address"] == "auto" and "num_cpus" not in attached
-    own = backend_config(Resources(), config, num_gpus=0)["init_args"]
-    assert own["address"] == "local" and own["num_cpus"] >= 1  # never a cluster `ray start` left
+    with pytest.raises(ValueError, match=r"cpus-per-client must be a whole number >= 1 .* got 0.5"):
+        Resources(cpus_per_client=0.5)
 
 
-def test_requested_client_resources_reach_rays_scheduler(caplog):
+def test_federation_config_uses_flowers_simulation_config_names():
+    config = {"clients-per-round": 8, "num-partitions": 30}
+    local = federation_config(Resources(cpus_per_client=2, gpus_per_client="auto"), config, num_gpus=2)
+    assert local == {
+        "num-supernodes": 30,
+        "client-resources-num-cpus": 2,
+        "client-resources-num-gpus": 0.25,
+        "init-args-logging-level": "error",
+        "init-args-log-to-driver": False,
+        "init-args-num-cpus": launcher.os.cpu_count(),
+        "init-args-num-gpus": 2,
+    }
+    attached = federation_config(Resources(ray_address="auto"), config, num_gpus=0)
+    assert "init-args-num-cpus" not in attached and "init-args-num-gpus" not in attached
+    assert launcher.superlink_env(Resources(ray_address="auto"))["RAY_ADDRESS"] == "auto"
+    assert launcher.superlink_env(Resources())["RAY_ADDRESS"] == "local"  # never a `ray start` cluster
+    from flwr.proto.federation_config_pb2 import SimulationConfig
+
+    # every key names a field of Flower's SimulationConfig (what `flwr run --federation-config` fills)
+    fields = {field.name for field in SimulationConfig.DESCRIPTOR.fields}
+    assert {key.replace("-", "_") for key in local} <= fields
+
+
+#: One round of the linear task on 4 SuperNodes, FedAvg (it averages the clients' metrics).
+RESOURCE_RUN = {
+    "task": "linear",
+    "defense": "fedavg",
+    "num-server-rounds": 1,
+    "num-partitions": 4,
+    "clients-per-round": 4,
+    "linear-train-size": 400,
+    "linear-test-size": 100,
+    "device": "cpu",
+}
+
+
+@pytest.fixture
+def ray_resources_app(tmp_path, monkeypatch):
+    """The Flower App with tests/deploy/ray_resources.py as ClientApp; this machine "has" one GPU."""
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: 1)
+    module = Path(__file__).parent / "deploy" / "ray_resources.py"
+    return write_app_dir(tmp_path / "app", clientapp="ray_resources:app", extra_modules=[module])
+
+
+def test_requested_client_resources_reach_rays_scheduler(ray_resources_app, tmp_path):
     """Ray is told of one GPU; each virtual client asks for a quarter and reports what Ray gave it."""
-    assigned = []
-    client_app = ClientApp()
-
-    @client_app.train()
-    def train(message: Message, context: Context) -> Message:
-        resources = ray.get_runtime_context().get_assigned_resources()
-        metrics = MetricRecord(
-            {"num-examples": 1, "gpu": resources.get("GPU", 0.0), "cpu": resources.get("CPU", 0.0)}
-        )
-        content = RecordDict({"arrays": message.content["arrays"], "metrics": metrics})
-        return Message(content, reply_to=message)
-
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        from flwr.serverapp.strategy import FedAvg
-
-        # min_train_nodes=4: Flower sizes the sample before waiting for nodes, so it
-        # would otherwise train on min_train_nodes (2) when nodes connect late.
-        strategy = FedAvg(
-            fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4, train_metrics_aggr_fn=collect
-        )
-        strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(2)]), num_rounds=1)
-
-    def collect(contents, key):
-        assigned.extend((c["metrics"]["cpu"], c["metrics"]["gpu"]) for c in contents)
-        return MetricRecord({})
-
-    backend = backend_config(
-        Resources(cpus_per_client=0.5, gpus_per_client=0.25), {"clients-per-round": 4}, 1
+    log_file = tmp_path / "flower.log"
+    resources = Resources(cpus_per_client=1, gpus_per_client=0.25)
+    record = launcher.run(
+        RESOURCE_RUN, resources, progress=False, app_dir=ray_resources_app, flower_log=log_file
     )
-    assert backend["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.25}
-    logging.getLogger("flwr").setLevel(logging.INFO)
-    run_simulation(server_app, client_app, 4, backend_config=backend)
-    assert assigned == [(0.5, 0.25)] * 4
+    trained = record["rounds"][1]
+    assert trained["train_ray-gpu"] == pytest.approx(0.25, abs=1e-6)
+    assert trained["train_ray-cpu"] == pytest.approx(1.0)  # a weighted mean of 1.0s
+    log_text = log_file.read_text()
+    assert "Federation `@none/default` (4 simulated SuperNodes)" in log_text
+    assert "FutureWarning" not in log_text and "DEPRECATED" not in log_text
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """``ray start --head --block``, 2 CPUs and 1 GPU, on a free port; stopped by pid, never ``ray stop``."""
+    port = free_port()
+    # A temp dir of its own: `ray start` records its address there (by default in
+    # /tmp/ray/ray_current_cluster, where every later ray.init() on the machine would find it).
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    ray_bin = Path(sys.executable).parent / "ray"
+    command = [str(ray_bin), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2"]
+    command += ["--num-gpus", "1", "--include-dashboard", "false", "--disable-usage-stats"]
+    command += ["--temp-dir", temp_dir]
+    with (tmp_path / "ray.log").open("wb") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
+    try:
+        log_path = tmp_path / "ray.log"
+
+        def started() -> bool:
+            if head.poll() is not None:
+                raise RuntimeError(
+                    f"`ray start --head` exited:\n{log_path.read_text(errors='replace')[-2000:]}"
+                )
+            return port_open(port) and "Ray runtime started" in log_path.read_text(errors="replace")
+
+        wait_for(started, 180, "the Ray head")
+        yield f"127.0.0.1:{port}"
+    finally:
+        tree = process_tree([head.pid])
+        head.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=30)
+        for pid in tree | process_tree(tree):
+            with contextlib.suppress(ProcessLookupError):
+                launcher.os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_address_attaches_to_a_running_cluster(ray_resources_app, ray_cluster, tmp_path):
+    """The virtual clients run in the cluster at ``ray_address``, with its GPU."""
+    resources = Resources(gpus_per_client=0.5, ray_address=ray_cluster)
+    record = launcher.run(RESOURCE_RUN, resources, progress=False, app_dir=ray_resources_app)
+    trained = record["rounds"][1]
+    assert trained["train_ray-gcs-port"] == pytest.approx(int(ray_cluster.rsplit(":", 1)[1]))
+    assert trained["train_ray-gpu"] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_launcher_refuses_gpu_request_without_gpu(monkeypatch):
     monkeypatch.setattr(launcher, "visible_gpus", lambda: 0)
     with pytest.raises(RuntimeError, match="allow-cpu-fallback"):
         launcher.run({"task": "linear"}, Resources(gpus_per_client="auto"), progress=False)
+
+
+def test_a_failing_run_raises_with_the_end_of_flowers_log(tmp_path):
+    """A ServerApp that fails (no data root for fmnist) ends the launcher with Flower's log quoted."""
+    config = {"task": "fmnist", "data-root": str(tmp_path / "missing"), "num-server-rounds": 1}
+    with pytest.raises(RuntimeError, match=r"(?s)the run ended as 'finished:failed'.*missing"):
+        launcher.run(config, progress=False)
 
 
 COMMITTED_GRIDS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
@@ -275,3 +352,26 @@ def test_grid_cells_are_a_union_of_products_each_run_once(tmp_path):
     path.write_text('[[cells]]\ndefenses = ["fedavg"]\nattacks = ["sneaky"]\n')
     with pytest.raises(ValueError, match="'attack' must be one of"):
         load_grid(path)
+
+
+def test_compare_prints_progress_and_the_table_without_warnings(tmp_path):
+    """The README's main job as a command: progress bars and the table; no Flower log, no warnings."""
+    sets = ["num-partitions=4", "clients-per-round=4", "linear-train-size=400", "linear-test-size=100"]
+    command = [
+        sys.executable,
+        "-m",
+        "simulation.compare",
+        "--task",
+        "linear",
+        "--rounds",
+        "1",
+        "--set",
+        *sets,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900, check=False)  # noqa: S603
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "| fedavg | 0 | 1 |" in done.stdout and "| invariant | 0 | 1 |" in done.stdout
+    assert "fedavg seed 0: 100%" in done.stderr  # the progress bar
+    for unwanted in ("DEPRECATED", "Warning", "[ROUND", "Traceback"):
+        assert unwanted not in output, unwanted

@@ -373,7 +373,10 @@ def test_every_defense_aggregates_the_lstm(data_root: Path) -> None:
         for name in baselines.defense_names():
             records[name] = run_experiment(grid, {**setting, "defense": name})
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"address": "local", "num_cpus": 2},
+    }
     run_simulation(server_app, make_client_app(setting), setting["num-partitions"], backend_config=backend)
 
     assert sorted(records) == sorted(baselines.defense_names())

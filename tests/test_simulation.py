@@ -20,7 +20,10 @@ from flwr_invariant import InvariantAggregation
 W_TRUE = np.array([1.5, -2.0, 0.5, 3.0], dtype=np.float32)
 NUM_CLIENTS = 6
 NUM_ROUNDS = 4
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+BACKEND = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"address": "local", "num_cpus": 2},
+}
 
 
 def local_fit(weights: list[np.ndarray], partition_id: int) -> list[np.ndarray]:

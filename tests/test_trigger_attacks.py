@@ -327,7 +327,10 @@ def test_trigger_attack_runs_by_name_in_a_real_simulation(attack):
     def main(grid: Grid, context) -> None:
         records.append(run_experiment(grid, setting))
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"address": "local", "num_cpus": 2},
+    }
     run_simulation(server_app, make_client_app(setting), setting["num-partitions"], backend_config=backend)
 
     (record,) = records
