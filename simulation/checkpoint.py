@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
+from .config import DEFAULTS
+
 __all__ = [
     "CHECKPOINT_FILE",
     "EXEMPT_KEYS",
@@ -251,11 +253,14 @@ def clear_checkpoint(directory: Path) -> bool:
 
 
 def _config_mismatch(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ. A key the checkpoint lacks (added by a newer version) counts
+    as equal while the run leaves it at its default, which keeps the older behaviour."""
     keys = (set(saved) | set(config)) - EXEMPT_KEYS
     return [
         f"{key} is {saved.get(key, '<unset>')!r} there, {config.get(key, '<unset>')!r} here"
         for key in sorted(keys)
         if saved.get(key) != config.get(key)
+        and not (key not in saved and key in DEFAULTS and config.get(key) == DEFAULTS[key])
     ]
 
 

@@ -169,6 +169,18 @@ def test_a_checkpoint_of_another_run_config_is_refused_naming_the_keys(tmp_path)
     assert read_checkpoint(tmp_path, moved).server_round == 2
 
 
+def test_a_key_added_by_a_newer_version_resumes_at_its_default_only(tmp_path):
+    """A checkpoint written before a run-config key existed resumes while the run leaves it at its default."""
+    path = write_checkpoint(tmp_path, CONFIG, small_checkpoint())
+    document = json.loads(path.read_text())
+    del document["config"]["deepsight-probe-size"]  # as written by a version without the key
+    path.write_text(json.dumps(document))
+    assert read_checkpoint(tmp_path, CONFIG).server_round == 2
+    changed = resolve_config({**CONFIG, "deepsight-probe-size": 7})
+    with pytest.raises(CheckpointError, match="deepsight-probe-size is '<unset>' there, 7 here"):
+        read_checkpoint(tmp_path, changed)
+
+
 def test_a_model_of_other_shapes_is_refused_naming_the_key(tmp_path):
     from simulation.data import load_task
     from simulation.training import model_for
