@@ -36,6 +36,7 @@ __all__ = [
     "invariant_update",
     "median_of",
     "min_votes",
+    "pseudo_gradients",
     "sign_consistency",
     "sign_votes",
     "trim_count",
@@ -128,6 +129,11 @@ def invariant_aggregate(
     return aggregates
 
 
+def pseudo_gradients(w: np.ndarray, layer: Sequence[np.ndarray]) -> np.ndarray:
+    """``(N, *w.shape)``: ``w - w_i`` for each client's array ``w_i``, read as ``w``'s dtype."""
+    return np.stack([w - np.asarray(w_i, dtype=w.dtype) for w_i in layer])
+
+
 def invariant_update(
     global_weights: Sequence[np.ndarray],
     client_weights: Sequence[Sequence[np.ndarray]],
@@ -153,10 +159,10 @@ def invariant_update(
         if w.dtype.kind != "f" or index in median_layers:
             new_weights.append(median_of(layer, w.dtype))
             continue
-        pseudo_gradients = np.stack([w - np.asarray(w_i, dtype=w.dtype) for w_i in layer])
-        mask = and_mask(pseudo_gradients, tau)
+        stacked = pseudo_gradients(w, layer)
+        mask = and_mask(stacked, tau)
         trim = trim_count(len(layer), trim_ratio)
-        step = _middle_sum(pseudo_gradients, trim) * mask / (len(layer) - 2 * trim)
+        step = _middle_sum(stacked, trim) * mask / (len(layer) - 2 * trim)
         new_weights.append((w - server_learning_rate * step).astype(w.dtype))
         kept += int(mask.sum())
         total += mask.size

@@ -9,13 +9,13 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .aggregate import median_of, min_votes, trim_count, trimmed_mean
+from .aggregate import median_of, min_votes, pseudo_gradients, trim_count, trimmed_mean
 from .engines import BACKENDS, Engine, select_engine
 from .mask_rules import MaskRule
 
@@ -115,14 +115,8 @@ class InvariantConfig:
         self._warn_if_unanimous(len(updates))
         rule_metrics: dict[str, float] = {}
         if self.mask_rule == "bloc-exclusion":
-            masked = [
-                i for i, w in enumerate(global_weights) if w.dtype.kind == "f" and i not in median_layers
-            ]
             outside, rule_metrics = self._rule[0].outside_blocs(
-                np.stack(
-                    [global_weights[i] - np.asarray(u[i], dtype=global_weights[i].dtype) for u in updates]
-                )
-                for i in masked
+                stacked for _, stacked in _masked_pseudo_gradients(global_weights, updates, median_layers)
             )
             updates = [update for update, keep in zip(updates, outside, strict=True) if keep]
         elif self._rule:
@@ -148,15 +142,9 @@ class InvariantConfig:
         median_layers: Collection[int],
     ) -> tuple[list[np.ndarray], dict[str, float | int]]:
         """A non-paper ``mask_rule``'s step: its scales times the trimmed mean (reference code)."""
-        masked = [i for i, w in enumerate(global_weights) if w.dtype.kind == "f" and i not in median_layers]
-        stacks = {
-            i: np.stack(
-                [global_weights[i] - np.asarray(u[i], dtype=global_weights[i].dtype) for u in updates]
-            )
-            for i in masked
-        }
-        scales, rule_metrics = self._rule[0].scales([stacks[i] for i in masked])
-        scale_of = dict(zip(masked, scales, strict=True))
+        stacks = dict(_masked_pseudo_gradients(global_weights, updates, median_layers))
+        scales, rule_metrics = self._rule[0].scales(list(stacks.values()))
+        scale_of = dict(zip(stacks, scales, strict=True))
         weights = []
         for i, w in enumerate(global_weights):
             if i not in stacks:
@@ -218,6 +206,17 @@ def check_strategy_keywords(owner: str, base: type, keywords: Mapping[str, Any])
             f"{owner}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
             f"it takes its own settings and those of {base.__module__}.{base.__qualname__}"
         )
+
+
+def _masked_pseudo_gradients(
+    global_weights: Sequence[np.ndarray],
+    updates: Sequence[Sequence[np.ndarray]],
+    median_layers: Collection[int],
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(index, (N, *shape) pseudo-gradients)`` of each floating layer outside ``median_layers``."""
+    for index, w in enumerate(global_weights):
+        if w.dtype.kind == "f" and index not in median_layers:
+            yield index, pseudo_gradients(w, [update[index] for update in updates])
 
 
 class CarriedMaskMemory:
