@@ -13,9 +13,9 @@ import json
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from .config import DEFAULTS
+from .superlink import toml_value
 
 __all__ = ["COMPONENTS", "PACKAGES", "write_app_dir"]
 
@@ -23,14 +23,6 @@ __all__ = ["COMPONENTS", "PACKAGES", "write_app_dir"]
 PACKAGES = ("flwr_invariant", "simulation", "baselines")
 #: ``[tool.flwr.app.components]``: the same as in this repository's ``pyproject.toml``.
 COMPONENTS = {"serverapp": "simulation.server_app:app", "clientapp": "simulation.client_app:app"}
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    return repr(value)
 
 
 def _package_dir(name: str) -> Path:
@@ -62,7 +54,7 @@ def pyproject_text(clientapp: str = "") -> str:
         *(f"{key} = {json.dumps(value)}" for key, value in components.items()),
         "",
         "[tool.flwr.app.config]",
-        *(f"{key} = {_toml_value(value)}" for key, value in DEFAULTS.items()),
+        *(f"{key} = {toml_value(value)}" for key, value in DEFAULTS.items()),
     ]
     return "\n".join(lines) + "\n"
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CONNECTION", "LocalSuperLink", "config_arg", "executable"]
+__all__ = ["CONNECTION", "LocalSuperLink", "config_arg", "executable", "toml_value"]
 
 #: Name of the SuperLink connection in this SuperLink's ``FLWR_HOME/config.toml``.
 CONNECTION = "local"
@@ -48,7 +48,8 @@ def executable(name: str) -> str:
     return found
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` as TOML text: booleans lower-case, strings quoted, numbers as Python writes them."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -58,7 +59,7 @@ def _toml_value(value: Any) -> str:
 
 def config_arg(config: Mapping[str, Any]) -> str:
     """``KEY=VALUE ...`` text for ``--run-config`` / ``--federation-config`` (values as TOML)."""
-    return " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
 def _free_port() -> int:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simulation.superlink import config_arg
+
 from .pki import NodeKeys, TlsFiles
 
 __all__ = [
@@ -156,19 +158,6 @@ class Process:
         return f"--- {self.name} ({self.log_path}) ---\n" + "\n".join(self.log().splitlines()[-lines:])
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    return repr(value)
-
-
-def run_config_arg(config: Mapping[str, Any]) -> str:
-    """``--run-config`` text for ``config`` (strings quoted as TOML)."""
-    return " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
-
-
 class Deployment:
     """A SuperLink and SuperNodes on 127.0.0.1, plus a ``flwr`` CLI configured to reach the SuperLink.
 
@@ -272,7 +261,7 @@ class Deployment:
     ) -> Process:
         """Start ``flower-supernode`` connected to the SuperLink; ``--node-config`` from ``node_config``."""
         args = ["flower-supernode", "--superlink", f"{HOST}:{self.port}", "--port", str(free_port())]
-        args += ["--node-config", run_config_arg(node_config)]
+        args += ["--node-config", config_arg(node_config)]
         if self.tls is None:
             args.append("--insecure")
         else:
@@ -343,7 +332,7 @@ class Deployment:
             str(app),
             CONNECTION,
             "--run-config",
-            run_config_arg(run_config),
+            config_arg(run_config),
             "--stream",
             timeout=timeout,
             name="flwr-run",
