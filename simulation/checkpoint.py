@@ -11,7 +11,8 @@ A checkpoint directory (run config ``checkpoint-dir``) holds two files:
 - ``checkpoint.json``: ``format``, ``version``, ``round``, the run ``config``, the
   name, SHA-256 and entries (name, shape, dtype) of the ``.npz`` file, the strategy's
   other state (e.g. the numpy generator state of FLAME's and weak DP's noise), the
-  per-round metrics so far (``history``) and the pretraining summary.
+  per-round metrics so far (``history``), the pretraining summary and, under ``f3ba`` /
+  ``a3fl``, the attackers' trigger the server relays to the next round (``attack_trigger``).
 
 Both are written to a temporary file and moved into place with ``os.replace``; the
 ``.npz`` first, then ``checkpoint.json``, which names it. A crash at any point leaves
@@ -92,6 +93,8 @@ class Checkpoint:
     strategy_arrays / strategy_meta: the defense's state (see :func:`strategy_state`).
     history: per-round metrics so far, JSON-able (kept as the ServerApp gives them).
     pretrain: the pretraining summary, if the run pretrained.
+    attack_trigger: under ``f3ba`` / ``a3fl``, the trigger the server relays to the next
+    round (hex of :meth:`simulation.triggers.Trigger.to_bytes`), else ``None``.
     """
 
     server_round: int
@@ -101,6 +104,7 @@ class Checkpoint:
     strategy_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     strategy_meta: dict[str, Any] = field(default_factory=dict)
     pretrain: dict[str, Any] | None = None
+    attack_trigger: str | None = None
     path: Path | None = None  # the .npz file it was read from
 
 
@@ -232,6 +236,7 @@ def write_checkpoint(directory: Path, config: Mapping[str, Any], checkpoint: Che
         "strategy": checkpoint.strategy_meta,
         "history": checkpoint.history,
         "pretrain": checkpoint.pretrain,
+        "attack_trigger": checkpoint.attack_trigger,
     }
     path = directory / CHECKPOINT_FILE
     temporary = directory / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
@@ -328,6 +333,7 @@ def read_checkpoint(directory: Path, config: Mapping[str, Any]) -> Checkpoint | 
         strategy_arrays={name: a for name, a in arrays.items() if name.startswith("strategy/")},
         strategy_meta=strategy,
         pretrain=document.get("pretrain"),
+        attack_trigger=document.get("attack_trigger"),
         path=npz,
     )
 

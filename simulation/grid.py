@@ -35,7 +35,9 @@ Grid file (TOML; YAML with the same keys works too)::
     gpus-per-client = 0.25             # or "auto"
 
 A grid that is not one product lists ``[[cells]]`` tables, each with its own
-``defenses``, ``attacks`` and ``seeds``; the runs are their union (each run once)::
+``defenses``, ``attacks``, ``seeds`` and, optionally, ``base`` (run-config keys that
+override the grid's ``[base]`` for that cell's runs); the runs are their union (each
+run once, the first cell naming it wins)::
 
     [[cells]]
     defenses = ["fedavg", "invariant"]
@@ -44,8 +46,9 @@ A grid that is not one product lists ``[[cells]]`` tables, each with its own
 
     [[cells]]
     defenses = ["fedavg", "invariant", "robust-lr"]
-    attacks = ["pgd"]
+    attacks = ["dba"]
     seeds = [0]
+    base = { backdoor = "pixel" }      # DBA stamps a pixel trigger
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from .checkpoint import checkpoint_lock, clear_checkpoint, read_checkpoint
 from .config import CACHE_DIR_NAME, DEFAULTS, resolve_config
 from .launcher import Resources, run
 
-__all__ = ["GridSpec", "load_grid", "run_grid", "run_into", "versions"]
+__all__ = ["Cell", "GridSpec", "load_grid", "run_grid", "run_into", "versions"]
 
 #: A run's checkpoint directory: ``OUTPUT/<run>/checkpoint``.
 CHECKPOINT_DIR_NAME = "checkpoint"
@@ -78,7 +81,7 @@ LOCK_WAIT = 120.0
 #: Flower's log of a run: ``OUTPUT/<run>/flower.log``.
 FLOWER_LOG_NAME = "flower.log"
 GRID_KEYS = ("name", "output", "defenses", "attacks", "seeds", "cells", "base", "resources")
-CELL_KEYS = ("defenses", "attacks", "seeds")
+CELL_KEYS = ("defenses", "attacks", "seeds", "base")
 RESOURCE_KEYS = {
     "cpus-per-client": "cpus_per_client",
     "gpus-per-client": "gpus_per_client",
@@ -86,6 +89,16 @@ RESOURCE_KEYS = {
     "ray-address": "ray_address",
     "allow-cpu-fallback": "allow_cpu_fallback",
 }
+
+
+@dataclass
+class Cell:
+    """One ``defenses x attacks x seeds`` product of a grid, with its own run-config overrides."""
+
+    defenses: list[str]
+    attacks: list[str]
+    seeds: list[int]
+    base: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,12 +112,13 @@ class GridSpec:
     seeds: list[int]
     base: dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
-    #: further ``(defenses, attacks, seeds)`` products, for grids that are not one product
-    cells: list[tuple[list[str], list[str], list[int]]] = field(default_factory=list)
+    #: further products, for grids that are not one product
+    cells: list[Cell] = field(default_factory=list)
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
         """``(run name, run-config overrides)`` for every defense x attack x seed of the
-        top-level lists and of each cell, in that order, each run once.
+        top-level lists and of each cell (with the cell's ``base`` over the grid's), in
+        that order, each run once.
 
         With ``pretrain-rounds`` set, ``pretrain-cache`` defaults to
         ``OUTPUT/pretrained``: the runs of one seed share one pretrained model.
@@ -113,11 +127,11 @@ class GridSpec:
         if base.get("pretrain-rounds") and not base.get("pretrain-cache"):
             base["pretrain-cache"] = str(self.output / CACHE_DIR_NAME)
         runs: dict[str, dict[str, Any]] = {}
-        for defenses, attacks, seeds in [(self.defenses, self.attacks, self.seeds), *self.cells]:
-            for defense in defenses:
-                for attack in attacks:
-                    for seed in seeds:
-                        overrides = {**base, "defense": defense, "attack": attack, "seed": seed}
+        for cell in [Cell(self.defenses, self.attacks, self.seeds), *self.cells]:
+            for defense in cell.defenses:
+                for attack in cell.attacks:
+                    for seed in cell.seeds:
+                        overrides = {**base, **cell.base, "defense": defense, "attack": attack, "seed": seed}
                         runs.setdefault(f"{defense}__{attack}__seed{seed}", overrides)
         return list(runs.items())
 
@@ -150,16 +164,15 @@ def load_grid(path: str | Path) -> GridSpec:
     unknown = sorted(set(raw) - set(GRID_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {list(GRID_KEYS)}")
-    base = dict(raw.get("base", {}))
-    unknown = sorted(set(base) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"{path}: unknown run-config key(s) in [base]: {unknown} (see simulation/config.py)")
+    base = _run_config_table(raw.get("base", {}), f"{path}: unknown run-config key(s) in [base]")
     cells = []
     for number, cell in enumerate(raw.get("cells", []), start=1):
         unknown = sorted(set(cell) - set(CELL_KEYS))
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown} in cell {number}; valid: {list(CELL_KEYS)}")
-        cells.append(_lists(cell, {"defenses": ["invariant"]}))
+        where = f"{path}: unknown run-config key(s) in cell {number}'s base"
+        cell_base = _run_config_table(cell.get("base", {}), where)
+        cells.append(Cell(*_lists(cell, {"defenses": ["invariant"]}), base=cell_base))
     # Without cells the top-level lists have defaults; with cells they are optional extras.
     defaults = {"defenses": ["fedavg", "invariant"]} if not cells else {"defenses": []}
     defenses, attacks, seeds = _lists(raw, defaults)
@@ -179,6 +192,14 @@ def load_grid(path: str | Path) -> GridSpec:
         except ValueError as error:
             raise ValueError(f"{path}: run {name}: {error}") from None
     return spec
+
+
+def _run_config_table(table: Mapping[str, Any], error: str) -> dict[str, Any]:
+    """``table`` as a dict; ``ValueError`` (``error`` and the keys) for keys that are not run-config keys."""
+    unknown = sorted(set(table) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{error}: {unknown} (see simulation/config.py)")
+    return dict(table)
 
 
 def _lists(table: Mapping[str, Any], defaults: Mapping[str, list]) -> tuple[list[str], list[str], list[int]]:

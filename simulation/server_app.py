@@ -59,7 +59,7 @@ from .checkpoint import (
 from .config import resolve_config
 from .pretrain import pretrain
 from .sampling import RoundSampler, make_strategy
-from .triggers import OPTIMISED_TRIGGER_ATTACKS, TriggerRelay
+from .triggers import OPTIMISED_TRIGGER_ATTACKS, Trigger, TriggerRelay
 
 __all__ = ["RoundHistory", "app", "discover_partitions", "make_server_app", "run_experiment", "run_rounds"]
 
@@ -331,8 +331,6 @@ def _run_experiment(
             raise CheckpointError(f"checkpoint {str(saved.path)!r}: unreadable history ({error!r})") from None
         arrays = _array_record(saved.model)
         pretrained, first_round = saved.pretrain, saved.server_round + 1
-        if config["attack"] in OPTIMISED_TRIGGER_ATTACKS:
-            log(WARNING, "resuming attack %r: its trigger restarts from the start", config["attack"])
         log(
             INFO,
             "resuming from %s: %d of %d rounds done",
@@ -340,7 +338,7 @@ def _run_experiment(
             first_round - 1,
             config["num-server-rounds"],
         )
-    relay = TriggerRelay()
+    relay = TriggerRelay(_relayed_trigger(saved, config))
     evaluate = make_evaluate_fn(config, lambda: relay.current)
     clock = [time.monotonic()]
 
@@ -369,6 +367,7 @@ def _run_experiment(
             strategy_arrays=state_arrays,
             strategy_meta=state_meta,
             pretrain=pretrained,
+            attack_trigger=None if relay.current is None else relay.current.to_bytes().hex(),
         )
         path = write_checkpoint(directory, config, checkpoint)
         log(INFO, "round %d: checkpoint written to %s", server_round, path)
@@ -391,6 +390,15 @@ def _run_experiment(
     if relay.current is not None:
         record["attack_trigger"] = relay.current.to_bytes().hex()  # Trigger.from_bytes(bytes.fromhex(...))
     return record
+
+
+def _relayed_trigger(saved: Checkpoint | None, config: Mapping[str, Any]) -> Trigger | None:
+    """The trigger a resumed ``f3ba`` / ``a3fl`` run relays next (``None``: the starting one)."""
+    if saved is None or saved.attack_trigger is None:
+        if saved is not None and saved.server_round > 0 and config["attack"] in OPTIMISED_TRIGGER_ATTACKS:
+            log(WARNING, "checkpoint %s keeps no relayed trigger: it restarts from the start", saved.path)
+        return None
+    return Trigger.from_bytes(bytes.fromhex(saved.attack_trigger))
 
 
 def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:

@@ -2,14 +2,10 @@
 
 import math
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
-
 import baselines
-from simulation.client_app import make_client_app
 from simulation.config import resolve_config
-from simulation.server_app import run_experiment
+
+from .simulate import run_experiments
 
 CONFIG = {
     "task": "linear",
@@ -23,19 +19,9 @@ CONFIG = {
 
 
 def test_every_defense_runs_two_rounds_by_name():
-    records = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        for name in baselines.defense_names():
-            records[name] = run_experiment(grid, resolve_config(CONFIG, {"defense": name}))
-
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"address": "local", "num_cpus": 2},
-    }
-    run_simulation(server_app, make_client_app(CONFIG), CONFIG["num-partitions"], backend_config=backend)
+    names = baselines.defense_names()
+    results = run_experiments(CONFIG, [resolve_config(CONFIG, {"defense": name}) for name in names])
+    records = dict(zip(names, results, strict=True))
 
     assert sorted(records) == sorted(baselines.defense_names())
     for name, record in records.items():

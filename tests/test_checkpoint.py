@@ -65,6 +65,7 @@ def small_checkpoint(server_round: int = 2) -> Checkpoint:
             "attributes": {"histories": {"kind": "per-node", "partitions": [3]}},
         },
         pretrain={"rounds": 3, "seconds": 1.5, "cached": False},
+        attack_trigger="00ff",
     )
 
 
@@ -84,10 +85,11 @@ def test_round_trip_keeps_every_array_and_field(tmp_path):
     assert np.array_equal(
         loaded.strategy_arrays["strategy/histories/3"], saved.strategy_arrays["strategy/histories/3"]
     )
-    assert (loaded.history, loaded.strategy_meta, loaded.pretrain) == (
+    assert (loaded.history, loaded.strategy_meta, loaded.pretrain, loaded.attack_trigger) == (
         saved.history,
         saved.strategy_meta,
         saved.pretrain,
+        saved.attack_trigger,
     )
     document = json.loads(path.read_text())
     assert document["format"] == "flwr-invariant-checkpoint" and document["round"] == 2

@@ -346,6 +346,24 @@ def test_grid_cells_are_a_union_of_products_each_run_once(tmp_path):
         "robust-lr__blackbox__seed0",
         "robust-lr__pgd__seed0",
     ]
+    path.write_text(
+        '[base]\ntask = "fmnist"\n'
+        '[[cells]]\ndefenses = ["fedavg"]\nattacks = ["blackbox"]\n'
+        '[[cells]]\ndefenses = ["fedavg", "invariant"]\nattacks = ["dba", "blackbox"]\n'
+        'base = { backdoor = "pixel" }\n'
+    )
+    runs = dict(load_grid(path).runs())
+    assert list(runs) == ["fedavg__blackbox__seed0", "fedavg__dba__seed0", "invariant__dba__seed0",
+                          "invariant__blackbox__seed0"]  # fmt: skip
+    assert "backdoor" not in runs["fedavg__blackbox__seed0"]  # the first cell naming a run wins
+    assert runs["fedavg__dba__seed0"] == {"task": "fmnist", "backdoor": "pixel", "defense": "fedavg",
+                                          "attack": "dba", "seed": 0}  # fmt: skip
+    path.write_text('[[cells]]\ndefenses = ["fedavg"]\nattacks = ["dba"]\nbase = { task = "fmnist" }\n')
+    with pytest.raises(ValueError, match="run fedavg__dba__seed0: .*'backdoor' = 'pixel'"):
+        load_grid(path)  # a cell's runs are checked with its base
+    path.write_text('[[cells]]\ndefenses = ["fedavg"]\nbase = { learning-rate = 0.1 }\n')
+    with pytest.raises(ValueError, match=r"in cell 1's base: \['learning-rate'\]"):
+        load_grid(path)
     path.write_text('[[cells]]\ndefenses = ["fedavg"]\nrounds = 3\n')
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['rounds'\] in cell 1"):
         load_grid(path)

@@ -15,15 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
 import baselines
 from benchmarks.sent140_synthetic import link_edge_case, write_sentiment140_csv
 from simulation import attacks
 from simulation.__main__ import main as cli
-from simulation.client_app import make_client_app
 from simulation.config import resolve_config
 from simulation.data import check_task_files, load_partitions, load_task
 from simulation.grid import load_grid, run_grid
@@ -38,9 +34,10 @@ from simulation.sent140 import (
     load_greek_director,
     read_sentiment140,
 )
-from simulation.server_app import run_experiment
 from simulation.text import PAD, UNKNOWN, build_vocabulary, encode, tokenize
 from simulation.training import backdoor_accuracy, evaluate, model_for, train
+
+from .simulate import run_experiments
 
 DATA_ROOT = Path(
     os.environ.get("FLWR_INVARIANT_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -56,6 +53,7 @@ FIRST_ROW = (
     "\"@switchfoot http://twitpic.com/2y1zl - Awww, that's a bummer.  You shoulda got David Carr of "
     'Third Day to do it. ;D"'
 )
+
 TINY = {  # a tiny vocabulary and LSTM, so that everything trains in seconds
     "task": "sent140",
     "sent140-vocab-size": 60,
@@ -365,19 +363,9 @@ def test_missing_file_stops_the_cli_and_grids_before_any_run(
 def test_every_defense_aggregates_the_lstm(data_root: Path) -> None:
     """One federation, one round of every defense by name on the tiny LSTM (an attacker included)."""
     setting = config(data_root, **{"num-server-rounds": 1, "malicious-fraction": 0.25})
-    records = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        for name in baselines.defense_names():
-            records[name] = run_experiment(grid, {**setting, "defense": name})
-
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"address": "local", "num_cpus": 2},
-    }
-    run_simulation(server_app, make_client_app(setting), setting["num-partitions"], backend_config=backend)
+    names = baselines.defense_names()
+    results = run_experiments(setting, [{**setting, "defense": name} for name in names])
+    records = dict(zip(names, results, strict=True))
 
     assert sorted(records) == sorted(baselines.defense_names())
     for name, record in records.items():

@@ -1,4 +1,4 @@
-"""DBA, F3BA and A3FL: their defining steps on hand-made inputs, their local rounds, and real simulations."""
+"""DBA, F3BA and A3FL: defining steps on hand-made inputs, local rounds, real simulations, resume."""
 
 from __future__ import annotations
 
@@ -9,17 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 from torch import nn
 
 from simulation import a3fl, dba, f3ba
 from simulation.attackers import A3FL, ATTACKERS, DBA, F3BA
-from simulation.client_app import make_client_app
 from simulation.config import resolve_config
 from simulation.data import load_partitions, load_task
 from simulation.partition import attacker_partitions
-from simulation.server_app import run_experiment
 from simulation.training import local_update, model_for
 from simulation.triggers import (
     RELAY_KEY,
@@ -33,9 +29,12 @@ from simulation.triggers import (
     square_trigger,
 )
 
+from .simulate import run_experiments
+
 DATA_ROOT = Path(
     os.environ.get("FLWR_INVARIANT_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
+
 needs_data = pytest.mark.skipif(
     not DATA_ROOT.is_dir(), reason=f"offline data not found at {DATA_ROOT} (set FLWR_INVARIANT_DATA_ROOT)"
 )
@@ -315,26 +314,9 @@ def test_an_optimising_attacker_trains_on_its_refined_trigger(attack):
     assert not benign.attacking and benign.trigger is None
 
 
-@needs_data
-@pytest.mark.parametrize("attack", ["dba", "f3ba", "a3fl"])
-def test_trigger_attack_runs_by_name_in_a_real_simulation(attack):
-    """Clients and server share the run config (the attack is the clients' setting)."""
-    records = []
-    setting = resolve_config(FMNIST, {"num-server-rounds": 2, "defense": "fedavg", "attack": attack})
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context) -> None:
-        records.append(run_experiment(grid, setting))
-
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"address": "local", "num_cpus": 2},
-    }
-    run_simulation(server_app, make_client_app(setting), setting["num-partitions"], backend_config=backend)
-
-    (record,) = records
-    rounds = record["rounds"]
+def check_simulated_run(record, setting) -> None:
+    """A 2-round run of ``setting``'s trigger attack: attackers sampled, the relayed trigger refined."""
+    attack, rounds = setting["attack"], record["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2] and record["config"]["attack"] == attack
     assert all(0.0 <= r["acc_backdoor"] <= 1.0 and math.isfinite(r["acc_main"]) for r in rounds)
     assert rounds[1]["attackers_sampled"] == 2 and rounds[1]["train_attacker"] > 0
@@ -344,3 +326,44 @@ def test_trigger_attack_runs_by_name_in_a_real_simulation(attack):
     trigger = Trigger.from_bytes(bytes.fromhex(record["attack_trigger"]))  # relayed through both rounds
     start = initial_trigger(setting, (1, 28, 28))
     assert torch.equal(trigger.mask, start.mask) and not torch.equal(trigger.pattern, start.pattern)
+
+
+@needs_data
+@pytest.mark.parametrize("attack", ["dba", "a3fl"])  # f3ba: in the resume test below
+def test_trigger_attack_runs_by_name_in_a_real_simulation(attack):
+    """Clients and server share the run config (the attack is the clients' setting)."""
+    setting = resolve_config(FMNIST, {"num-server-rounds": 2, "defense": "fedavg", "attack": attack})
+    (record,) = run_experiments(setting, [setting])
+    check_simulated_run(record, setting)
+
+
+class InterruptError(Exception):
+    """Stands for a crash after round 1's checkpoint was written (round 2's is written after its row)."""
+
+
+@needs_data
+def test_f3ba_runs_by_name_and_resumes_with_the_relayed_trigger(tmp_path):
+    """The trigger the server relays is in the round checkpoint: resuming changes no number."""
+    setting = resolve_config(FMNIST, {"num-server-rounds": 2, "defense": "fedavg", "attack": "f3ba"})
+    whole = {**setting, "checkpoint-dir": str(tmp_path / "whole")}
+    split = {**setting, "checkpoint-dir": str(tmp_path / "split")}
+    round_2_rows = []
+
+    def crash_the_second_run_in_round_2(row):
+        if row["round"] == 2:
+            round_2_rows.append(row)
+            if len(round_2_rows) == 2:
+                raise InterruptError
+
+    uninterrupted, interrupted, resumed = run_experiments(
+        setting, [whole, split, split], crash_the_second_run_in_round_2, keep_errors=True
+    )
+
+    check_simulated_run(uninterrupted, setting)
+    assert isinstance(interrupted, InterruptError)
+    assert resumed["resumed_from_round"] == 1 and resumed["attack_trigger"] == uninterrupted["attack_trigger"]
+
+    def numbers(record):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in record["rounds"]]
+
+    assert numbers(resumed) == numbers(uninterrupted)
