@@ -10,7 +10,7 @@ import numpy as np
 
 from .numpy_strategy import PseudoGradientStrategy, RoundUpdates
 
-__all__ = ["CRFL", "crfl_certified_radius", "crfl_clip_bound", "crfl_contraction"]
+__all__ = ["CRFL", "crfl_certified_radius", "crfl_clip_bound", "crfl_contraction", "crfl_vote_bounds"]
 
 
 def crfl_clip_bound(server_round: int, clip_start: float, clip_growth: float, clip_max: float) -> float:
@@ -22,6 +22,31 @@ def crfl_contraction(clip_bounds: Sequence[float], sigma: float) -> float:
     """``prod_t (2 Phi(rho_t / sigma) - 1)`` over the given rounds' bounds ``rho_t``
     (``2 Phi(x) - 1 = erf(x / sqrt 2)``); 1 for no rounds."""
     return math.prod(math.erf(bound / (sigma * math.sqrt(2.0))) for bound in clip_bounds)
+
+
+def crfl_vote_bounds(
+    votes: np.ndarray, labels: np.ndarray, alpha: float = 0.001
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(p_a, p_b, correct)`` per test input from the classes ``votes`` (M copies, n inputs)
+    of M noisy copies of the model (the authors' ``probability_estimation`` and ``certify``).
+
+    ``p_a``: the top class's vote share minus Hoeffding's ``sqrt(log(1 / alpha) / (2 M))``
+    (at least 1e-8); ``p_b``: the runner-up's share plus it (at most 1 - 1e-8); ``correct``:
+    whether the top class (the lowest on a tie) is ``labels``' class.
+    """
+    votes = np.asarray(votes)
+    copies, count = votes.shape
+    classes = int(max(votes.max(initial=0), np.asarray(labels).max(initial=0))) + 1
+    counts = np.zeros((count, classes), dtype=np.int64)
+    np.add.at(counts, (np.broadcast_to(np.arange(count), votes.shape), votes), 1)
+    top = counts.argmax(axis=1)
+    p_top = counts[np.arange(count), top] / copies
+    counts[np.arange(count), top] = 0
+    p_second = counts.max(axis=1) / copies
+    margin = math.sqrt(math.log(1.0 / alpha) / (2.0 * copies))
+    p_a = np.maximum(1e-8, p_top - margin)
+    p_b = np.minimum(1.0 - 1e-8, p_second + margin)
+    return p_a, p_b, top == np.asarray(labels)
 
 
 def crfl_certified_radius(
@@ -52,10 +77,12 @@ def crfl_certified_radius(
     share of a batch), ``aggregation_weights`` the attackers' ``p_i``, ``lipschitz`` L.
     ``p_a = 1`` gives ``inf``.
     """
-    if not 0 <= p_b <= p_a <= 1:
-        raise ValueError(f"need 0 <= p_b <= p_a <= 1, got p_a={p_a}, p_b={p_b}")
+    if not (0 <= p_a <= 1 and 0 <= p_b <= 1):
+        raise ValueError(f"need 0 <= p_a, p_b <= 1, got p_a={p_a}, p_b={p_b}")
     if p_a == 1.0:
         return math.inf
+    if p_a <= p_b:  # no majority the bounds can certify
+        return 0.0
     numerator = -math.log(1.0 - (math.sqrt(p_a) - math.sqrt(p_b)) ** 2) * sigma**2
     denominator = (
         2.0
@@ -86,9 +113,9 @@ class CRFL(PseudoGradientStrategy):
     statistics (theirs: clipping ``named_parameters``, noise on the whole
     ``state_dict`` of models without batch norm); the noise is part of the returned
     model, so the server-side evaluation sees the perturbed model (theirs evaluates
-    the clipped model, then perturbs it before the next round); the test-time
+    the clipped model, then perturbs it before the next round). The test-time
     parameter smoothing (M noisy copies of the final model, majority vote) that
-    gives ``p_a``/``p_b`` per test input is not run here.
+    gives ``p_a``/``p_b`` per test input needs the model: ``simulation.crfl_certify``.
 
     Parameters (the authors' MNIST values)
     ----------

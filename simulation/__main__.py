@@ -149,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     args, rest = parser.parse_known_args(argv)
+    from .superlink import exit_on_sigterm
+
+    exit_on_sigterm()
     if args.command == "compare":
         from .compare import main as compare_main
 

@@ -106,6 +106,9 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point (see the module docstring)."""
+    from .superlink import exit_on_sigterm
+
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description="FedAvg vs InvariantAggregation under a backdoor attack")
     parser.add_argument("--task", default="linear")
     parser.add_argument("--rounds", type=int, default=20)

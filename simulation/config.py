@@ -74,6 +74,8 @@ DEFAULTS: dict[str, Any] = {
     "flain-aux-size": 500,  # FLAIN: clean training examples the server holds
     "fltrust-root-size": 100,  # FLTrust: the server's root dataset, drawn from the training pool
     "deepsight-probe-size": 200,  # DeepSight: random inputs per seed (3 seeds) for the DDifs
+    "crfl-certify-copies": 1000,  # CRFL: noisy copies of the final model for its certificate (0: none)
+    "crfl-certify-inputs": 500,  # CRFL: clean test inputs (the first ones) the certificate covers
     "assumed-malicious": -1,  # f assumed by Krum & co.; -1 = round(malicious-fraction * clients-per-round)
     # population and data
     "data-root": "",  # "" = $FLWR_INVARIANT_DATA_ROOT
@@ -193,6 +195,7 @@ _POSITIVE_INT = (
     "clients-per-round",
     "fltrust-root-size",
     "deepsight-probe-size",
+    "crfl-certify-inputs",
     "local-epochs",
     "batch-size",
     "eval-batch-size",
@@ -213,6 +216,7 @@ _POSITIVE_INT = (
     "lstm-hidden-dim",
 )
 _NON_NEGATIVE_INT = (
+    "crfl-certify-copies",
     "seed",
     "pretrain-rounds",
     "flain-aux-size",

@@ -7,7 +7,8 @@ Each run writes ``OUTPUT/<defense>__<attack>__seed<seed>/``:
   strategy's own metrics as ``train_*``, e.g. ``train_mask_fraction``);
 - ``config.json``: the resolved run config, the client resources, the package
   versions, ``completed``, ``resumed`` (the rounds it resumed after, if it was
-  interrupted) and (with ``pretrain-rounds``) the pretrained model's accuracies;
+  interrupted), (with ``pretrain-rounds``) the pretrained model's accuracies and,
+  under ``f3ba``/``a3fl`` and ``crfl``, ``attack_trigger`` and ``crfl_certificate``;
   ``python -m simulation run --from config.json`` repeats the run;
 - ``checkpoint/``: the ServerApp's last round checkpoint (the final model once
   the run completed);
@@ -80,6 +81,8 @@ CHECKPOINT_DIR_NAME = "checkpoint"
 LOCK_WAIT = 120.0
 #: Flower's log of a run: ``OUTPUT/<run>/flower.log``.
 FLOWER_LOG_NAME = "flower.log"
+#: What a run's record may hold besides its rounds, kept in its ``config.json``.
+RECORD_EXTRAS = ("pretrain", "attack_trigger", "crfl_certificate")
 GRID_KEYS = ("name", "output", "defenses", "attacks", "seeds", "cells", "base", "resources")
 CELL_KEYS = ("defenses", "attacks", "seeds", "base")
 RESOURCE_KEYS = {
@@ -312,8 +315,7 @@ def run_into(
     temporary.write_text("".join(json.dumps(row, default=float) + "\n" for row in record["rounds"]))
     os.replace(temporary, metrics_path)
     finished = {"completed": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if "pretrain" in record:
-        finished["pretrain"] = record["pretrain"]
+    finished.update({key: record[key] for key in RECORD_EXTRAS if key in record})
     _write_json(run_dir / "config.json", {**meta, **finished})
     return record
 

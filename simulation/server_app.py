@@ -40,6 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
+from baselines.crfl import CRFL
 from baselines.deepsight import DeepSight
 from baselines.flain import FLAIN
 from baselines.flain_repair import FlainRepair
@@ -288,7 +289,8 @@ def run_experiment(
     metrics as ``train_*``.
     ``on_round`` gets each evaluation row (without ``train_*``) as it happens. Under
     ``f3ba`` / ``a3fl`` the record's ``attack_trigger`` is the attackers' last trigger (hex
-    of :meth:`simulation.triggers.Trigger.to_bytes`).
+    of :meth:`simulation.triggers.Trigger.to_bytes`); under ``crfl`` its
+    ``crfl_certificate`` is the final model's certificate (:mod:`simulation.crfl_certify`).
     """
     directory = Path(config["checkpoint-dir"]).expanduser() if config["checkpoint-dir"] else None
     with checkpoint_lock(directory, wait=LOCK_WAIT):
@@ -382,6 +384,13 @@ def _run_experiment(
         history.evaluate = {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()}
     rounds = history.rows()
     record: dict[str, Any] = {"config": dict(config), "rounds": rounds}
+    if isinstance(strategy, CRFL) and config["crfl-certify-copies"]:
+        from .crfl_certify import certify_run
+
+        record["crfl_certificate"] = certify_run(
+            task, config, strategy, arrays.to_torch_state_dict(), history.attackers
+        )
+        log(INFO, "CRFL certificate: %s", record["crfl_certificate"])
     if pretrained is not None:
         start = rounds[0]  # round 0 evaluates the pretrained model the strategy started from
         record["pretrain"] = {**pretrained, **{k: start[k] for k in ("acc_main", "acc_backdoor", "loss")}}

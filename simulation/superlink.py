@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CONNECTION", "LocalSuperLink", "config_arg", "executable", "toml_value"]
+__all__ = ["CONNECTION", "LocalSuperLink", "config_arg", "executable", "exit_on_sigterm", "toml_value"]
 
 #: Name of the SuperLink connection in this SuperLink's ``FLWR_HOME/config.toml``.
 CONNECTION = "local"
@@ -66,6 +66,16 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, a job scheduler, the end of a session) unwind like Ctrl-C, so
+    a CLI stops its runs and the local SuperLink it started instead of leaving them running."""
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
 
 
 class LocalSuperLink:

@@ -10,7 +10,7 @@ import pytest
 import baselines
 from baselines.alignins import alignins_admitted, masked_principal_sign_alignment, median_z_scores
 from baselines.common import clip_rows, pairwise_distances
-from baselines.crfl import crfl_certified_radius, crfl_clip_bound, crfl_contraction
+from baselines.crfl import crfl_certified_radius, crfl_clip_bound, crfl_contraction, crfl_vote_bounds
 from baselines.deepsight import (
     deepsight_accepted,
     division_differences,
@@ -465,8 +465,21 @@ def test_crfl_clips_the_model_norm_adds_seeded_noise_and_reports_the_contraction
         scale_factor=1, poison_fraction=1, aggregation_weights=[1.0], lipschitz=1,
     )  # fmt: skip
     assert radius == pytest.approx(np.sqrt(-np.log(0.6) / 2))
+    assert crfl_certified_radius(0.4, 0.5, **{k: 1 for k in ("sigma", "contraction", "attackers",
+        "local_iterations", "learning_rate", "scale_factor", "poison_fraction", "lipschitz")},
+        aggregation_weights=[1.0]) == 0.0  # fmt: skip
     with pytest.raises(ValueError, match="sigma"):
         CRFL(sigma=0.0)
+
+
+def test_crfl_vote_bounds_by_hand():
+    # 8 noisy copies vote on 3 inputs (labels 2, 0, 1); Hoeffding margin sqrt(log(1/0.25) / 16) = 0.2943
+    votes = np.array([[2, 0, 1], [2, 0, 0], [2, 1, 0], [2, 0, 1], [2, 0, 0], [2, 0, 1], [2, 0, 0], [1, 0, 1]])
+    p_a, p_b, correct = crfl_vote_bounds(votes, np.array([2, 0, 1]), alpha=0.25)
+    margin = np.sqrt(np.log(4.0) / 16)
+    np.testing.assert_allclose(p_a, [7 / 8 - margin, 7 / 8 - margin, 4 / 8 - margin])
+    np.testing.assert_allclose(p_b, [1 / 8 + margin, 1 / 8 + margin, 4 / 8 + margin])
+    assert correct.tolist() == [True, True, False]  # input 3: a 4-4 tie goes to class 0, not the label 1
 
 
 def test_multi_metrics_features_scores_and_selection_by_hand():

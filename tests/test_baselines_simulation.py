@@ -37,6 +37,28 @@ def test_every_defense_runs_two_rounds_by_name():
     assert records["deepsight"]["rounds"][1]["train_num_clusters"] >= 1  # probed the models' outputs
     assert 1 <= records["alignins"]["rounds"][1]["train_num_admitted"] <= 8
     assert records["crfl"]["rounds"][1]["train_crfl_clip_bound"] == 2.1
+    certificate = records["crfl"]["crfl_certificate"]  # 1000 noisy copies of the final model voted
+    assert (certificate["copies"], certificate["inputs"], certificate["t_adv"]) == (1000, 400, 2)
+    assert certificate["contraction"] == 1.0  # attacked in the last round: nothing after t_adv contracts
+    assert certificate["smoothed_accuracy"] > 0.5 and min(certificate["radius_quartiles"]) >= 0.0
+    assert "crfl_certificate" not in records["fedavg"]
     assert records["multi-metrics"]["rounds"][1]["train_num_admitted"] == 2  # int(0.3 * 8)
     flain_final = records["flain"]["rounds"][-1]
     assert "flain_flipped" in flain_final and "before_repair_acc_main" in flain_final
+
+
+def test_crfl_smoothed_votes_are_the_models_votes_under_seeded_noise():
+    from simulation.crfl_certify import smoothed_votes
+    from simulation.data import load_task
+    from simulation.training import model_for, predict
+
+    config = resolve_config(CONFIG)
+    task = load_task(config)
+    model = model_for(task, config)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = task.test_x[:50]
+    plain = predict(model, x, task.preprocess)[1].numpy()
+    assert (smoothed_votes(model, state, x, task, 1e-9, 3, seed=1) == plain).all()  # no noise to speak of
+    noisy = smoothed_votes(model, state, x, task, 10.0, 4, seed=1)
+    assert noisy.shape == (4, 50) and (noisy != plain).any()
+    assert (smoothed_votes(model, state, x, task, 10.0, 4, seed=1) == noisy).all()  # seeded

@@ -40,7 +40,7 @@ from simulation.checkpoint import (
 from simulation.config import resolve_config
 from simulation.sampling import RoundSampler, make_strategy
 
-from .deploy.helpers import process_tree, wait_for
+from .deploy.helpers import alive, process_tree, wait_for
 from .helpers import NodeList
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,15 +367,15 @@ BASE = {
     "linear-test-size": 300,
     "device": "cpu",
 }
-GRID = """
-name = "resume"
-output = "{output}"
-defenses = ["invariant"]
-attacks = ["blackbox"]
-seeds = [0]
 
-[base]
-""" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in BASE.items())
+
+def grid_text(output: Path, **changes) -> str:
+    """A one-run grid file of BASE (with ``changes``) writing to ``output``."""
+    base = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**BASE, **changes}.items())
+    head = f'name = "resume"\noutput = "{output}"\ndefenses = ["invariant"]\nattacks = ["blackbox"]\n'
+    return f"{head}[base]\n{base}\n"
+
+
 RUN = "invariant__blackbox__seed0"  # the aggregate does not depend on reply order: bit for bit
 
 
@@ -403,7 +403,7 @@ def killed_and_resumed(tmp_path_factory):
     """A one-run grid SIGKILLed after its round-2 checkpoint, then resumed by running the grid again."""
     root = tmp_path_factory.mktemp("resume")
     grid_file = root / "grid.toml"
-    grid_file.write_text(GRID.format(output=root / "results"))
+    grid_file.write_text(grid_text(root / "results"))
     run_dir = root / "results" / RUN
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with (root / "killed.log").open("wb") as log:
@@ -424,6 +424,32 @@ def killed_and_resumed(tmp_path_factory):
     meta = json.loads((run_dir / "config.json").read_text())
     cli(["grid", str(grid_file), "--no-progress"])
     return run_dir, killed_at, rows_when_killed, meta
+
+
+def test_sigterm_stops_the_grid_and_everything_it_started(tmp_path):
+    """``kill <pid>`` of ``python -m simulation grid``: its SuperLink, runs and Ray go too."""
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(grid_text(tmp_path / "results", **{"num-server-rounds": 60}))
+    run_dir = tmp_path / "results" / RUN
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with (tmp_path / "grid.log").open("wb") as log:
+        popen = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "simulation", "grid", str(grid_file), "--no-progress"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: (checkpoint_round(run_dir) or 0) >= 1, 600, "the round-1 checkpoint")
+        started = process_tree([popen.pid]) - {popen.pid}
+        assert len(started) >= 3  # the SuperLink, its simulation runtime, Ray's processes
+        popen.send_signal(signal.SIGTERM)
+        assert popen.wait(timeout=120) == 128 + signal.SIGTERM
+        wait_for(lambda: not any(alive(pid) for pid in started), 60, "the processes the grid started to end")
+    finally:
+        kill_tree(popen)
 
 
 def test_grid_killed_mid_run_resumes_from_its_checkpoint(killed_and_resumed):
@@ -468,7 +494,7 @@ def test_corrupt_or_foreign_checkpoints_stop_the_grid_before_training(
     meta = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**meta, "completed": False}))
     grid_file = tmp_path / "grid.toml"
-    grid_file.write_text(GRID.format(output=results))
+    grid_file.write_text(grid_text(results))
     checkpoint_dir = copy / "checkpoint"
     shutil.rmtree(checkpoint_dir)
     shutil.copytree(run_dir / "checkpoint", checkpoint_dir)
@@ -478,9 +504,7 @@ def test_corrupt_or_foreign_checkpoints_stop_the_grid_before_training(
     with pytest.raises(SystemExit, match=rf"error: checkpoint arrays '{npz}' are corrupt"):
         cli(["grid", str(grid_file), "--no-progress"])
 
-    grid_file.write_text(
-        GRID.format(output=results).replace("linear-test-size = 300", "linear-test-size = 200")
-    )
+    grid_file.write_text(grid_text(results, **{"linear-test-size": 200}))
     foreign = r"written by another run: linear-test-size is 300 there, 200 here"
     with pytest.raises(SystemExit, match=foreign):
         cli(["grid", str(grid_file), "--no-progress"])

@@ -1,4 +1,4 @@
-"""The ClientApp (benign and malicious replies), the ServerApp's sampling, and a real run_simulation."""
+"""The ClientApp (benign and malicious replies), the ServerApp's sampling, and real simulations."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from simulation.data import load_task
 from simulation.partition import attacker_partitions
 from simulation.sampling import RoundSampler, make_strategy
 from simulation.training import make_evaluate_fn, model_for
+
+from .simulate import run_experiments
 
 LINEAR = {
     "task": "linear",
@@ -149,21 +151,17 @@ def test_eval_every_skips_the_clean_test_set_but_not_the_backdoor_set() -> None:
         resolve_config({**LINEAR, "eval-every": 0})
 
 
-def test_run_simulation_with_eval_every() -> None:
-    from simulation.compare import run_one
-
-    record = run_one({**LINEAR, "num-server-rounds": 3, "eval-every": 2})
-    rounds = record["rounds"]
+def test_experiments_in_a_real_simulation_with_eval_every_and_invariant() -> None:
+    clients = resolve_config({**LINEAR, "malicious-fraction": 0.4})
+    sparse_evaluation = {**clients, "num-server-rounds": 3, "eval-every": 2}
+    invariant = {**clients, "defense": "invariant", "num-server-rounds": 2}
+    sparse, record = run_experiments(clients, [sparse_evaluation, invariant])
+    rounds = sparse["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert [("acc_main" in r) for r in rounds] == [True, False, True, True]
     assert all(0.0 <= r["acc_backdoor"] <= 1.0 for r in rounds)
     assert "train_num_aggregated" in rounds[1]
 
-
-def test_run_simulation_linear_invariant() -> None:
-    from simulation.compare import run_one
-
-    record = run_one({**LINEAR, "defense": "invariant", "num-server-rounds": 2, "malicious-fraction": 0.4})
     rounds = record["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(0.0 <= r["acc_main"] <= 1.0 and 0.0 <= r["acc_backdoor"] <= 1.0 for r in rounds)

@@ -8,10 +8,11 @@ import torch
 from simulation.config import resolve_config
 from simulation.data import load_task
 from simulation.grid import load_grid
-from simulation.launcher import run
 from simulation.pretrain import cache_file, load_cached
 from simulation.report import load_runs
 from simulation.training import evaluate, local_update, model_for
+
+from .simulate import run_experiments
 
 #: Every partition malicious: any round that is not pretraining has attackers.
 SMALL = {
@@ -37,10 +38,8 @@ def test_pretraining_rounds_are_benign_even_for_attackers() -> None:
 def pretrained_runs(tmp_path_factory):
     """The same run twice with a pretrain cache, and once more with another defense."""
     cache = tmp_path_factory.mktemp("pretrained")
-    config = {**SMALL, "pretrain-cache": str(cache)}
-    first = run(config, progress=False)
-    again = run(config, progress=False)
-    other = run({**config, "defense": "fedavg"}, progress=False)
+    config = resolve_config({**SMALL, "pretrain-cache": str(cache)})
+    first, again, other = run_experiments(config, [config, config, {**config, "defense": "fedavg"}])
     return cache, first, again, other
 
 
