@@ -398,15 +398,13 @@ def kill_tree(popen: subprocess.Popen) -> None:
     popen.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory):
-    """A one-run grid SIGKILLed after its round-2 checkpoint, then resumed by running the grid again."""
-    root = tmp_path_factory.mktemp("resume")
+def start_grid(root: Path, **changes) -> tuple[Path, subprocess.Popen]:
+    """``python -m simulation grid`` of :func:`grid_text` into ``root / "results"``, in its own
+    session (output in ``root / "grid.log"``); returns the grid file and the process."""
     grid_file = root / "grid.toml"
-    grid_file.write_text(grid_text(root / "results"))
-    run_dir = root / "results" / RUN
+    grid_file.write_text(grid_text(root / "results", **changes))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with (root / "killed.log").open("wb") as log:
+    with (root / "grid.log").open("wb") as log:
         popen = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "simulation", "grid", str(grid_file), "--no-progress"],
             cwd=root,
@@ -415,6 +413,15 @@ def killed_and_resumed(tmp_path_factory):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    return grid_file, popen
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """A one-run grid SIGKILLed after its round-2 checkpoint, then resumed by running the grid again."""
+    root = tmp_path_factory.mktemp("resume")
+    grid_file, popen = start_grid(root)
+    run_dir = root / "results" / RUN
     try:
         wait_for(lambda: (checkpoint_round(run_dir) or 0) >= 2, 600, "the round-2 checkpoint")
     finally:
@@ -428,19 +435,8 @@ def killed_and_resumed(tmp_path_factory):
 
 def test_sigterm_stops_the_grid_and_everything_it_started(tmp_path):
     """``kill <pid>`` of ``python -m simulation grid``: its SuperLink, runs and Ray go too."""
-    grid_file = tmp_path / "grid.toml"
-    grid_file.write_text(grid_text(tmp_path / "results", **{"num-server-rounds": 60}))
+    _, popen = start_grid(tmp_path, **{"num-server-rounds": 60})
     run_dir = tmp_path / "results" / RUN
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with (tmp_path / "grid.log").open("wb") as log:
-        popen = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "simulation", "grid", str(grid_file), "--no-progress"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     try:
         wait_for(lambda: (checkpoint_round(run_dir) or 0) >= 1, 600, "the round-1 checkpoint")
         started = process_tree([popen.pid]) - {popen.pid}
