@@ -96,7 +96,7 @@ DEFAULTS: dict[str, Any] = {
     # attack
     # none | blackbox | pgd | pgd-replace | alie | neurotoxin | mask-tipping | dba | f3ba | a3fl
     "attack": "blackbox",
-    "backdoor": "edge-case",  # edge-case | pixel (BadNets-style trigger)
+    "backdoor": "edge-case",  # edge-case | pixel (BadNets-style trigger; "trigger" is another name for it)
     "attack-schedule": "pool",  # pool (fixed malicious pool) | every-k (one attacker every k rounds)
     "malicious-fraction": 0.2,
     "attack-every": 10,  # k of the every-k schedule
@@ -152,6 +152,8 @@ ATTACKS = (
 #: Attack modes that stamp a trigger of their own (:mod:`simulation.triggers`): ``backdoor = "pixel"`` only.
 TRIGGER_ATTACKS = ("dba", "f3ba", "a3fl")
 BACKDOORS = ("edge-case", "pixel")
+#: Other names accepted for a backdoor kind (resolved to the kind's name).
+BACKDOOR_ALIASES = {"trigger": "pixel"}
 SCHEDULES = ("pool", "every-k")
 
 # Dirichlet split; the attacker mixes 100 edge-case and 400 clean samples (the CIFAR-10 attack's numbers).
@@ -273,6 +275,8 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
         for key, value in (source or {}).items():
             if key in DEFAULTS:
                 config[key] = _cast(key, value)
+                if key == "backdoor":
+                    config[key] = BACKDOOR_ALIASES.get(config[key], config[key])
             else:
                 log(WARNING, "run config: unknown key %r ignored by the simulation apps", key)
     for key, choices in _CHOICES.items():

@@ -54,6 +54,10 @@ def test_trigger_attacks_are_registered_by_name():
     assert (ATTACKERS["dba"], ATTACKERS["f3ba"], ATTACKERS["a3fl"]) == (DBA, F3BA, A3FL)
 
 
+def test_trigger_is_another_name_for_the_pixel_backdoor():
+    assert resolve_config({"task": "fmnist", "attack": "f3ba", "backdoor": "trigger"})["backdoor"] == "pixel"
+
+
 @pytest.mark.parametrize("attack", ["dba", "f3ba", "a3fl"])
 def test_trigger_attacks_refuse_a_non_pixel_backdoor(attack):
     with pytest.raises(ValueError, match=f"'attack' = '{attack}' .* 'backdoor' = 'edge-case'"):
