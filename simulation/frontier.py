@@ -2,9 +2,9 @@
 
 A defense that holds a backdoor out only for a while shows a low final-round acc_backdoor in no
 table; the highest value it ever reached is what a user deploying it risks. For every task, one
-point per ``(defense, tau, attack, rounds run)`` (mean over seeds; the bar spans the seeds' highest values)
-from any number of results directories, and a Markdown table with the worst seed, the first round
-over :data:`BAR` and the final acc_main.
+point per ``(defense, tau, trim ratio, attack, rounds run)`` (mean over seeds; the bar spans the
+seeds' highest values) from any number of results directories, and a Markdown table with the
+worst seed, the first round over :data:`BAR` and the final acc_main.
 
     python -m simulation frontier docs/results/long_horizon_fmnist docs/results/screen --out DIR
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flwr_invariant.settings import DEFAULT_TAU
+from flwr_invariant.settings import DEFAULT_TAU, DEFAULT_TRIM_RATIO
 
 from .report import RunResult, as_float, defense_order, file_safe, load_runs
 
@@ -31,7 +31,7 @@ class FrontierPoint:
     """One ``(task, defense label, attack, rounds)`` cell over its seeds."""
 
     task: str
-    label: str  # defense, with ``tau=...`` when an Invariant defense runs another tau than the paper's
+    label: str  # defense, plus ``tau=...``/``trim-ratio=...`` where an Invariant defense's differ
     attack: str
     seeds: int
     rounds: int
@@ -45,10 +45,12 @@ class FrontierPoint:
 
 
 def _label(run: RunResult) -> str:
-    tau = run.config.get("tau", DEFAULT_TAU)
     defense = str(run.config["defense"])
-    uses_tau = defense.startswith("invariant")  # the defenses built on InvariantAggregation
-    return f"{defense} tau={tau}" if uses_tau and tau != DEFAULT_TAU else defense
+    if not defense.startswith("invariant"):  # only the defenses built on InvariantAggregation
+        return defense
+    settings = (("tau", DEFAULT_TAU), ("trim-ratio", DEFAULT_TRIM_RATIO))
+    changed = [f"{k}={run.config[k]}" for k, default in settings if run.config.get(k, default) != default]
+    return " ".join([defense, *changed])
 
 
 def _backdoor(run: RunResult) -> list[tuple[int, float]]:
