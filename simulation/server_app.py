@@ -403,11 +403,13 @@ def _run_experiment(
 
 def _relayed_trigger(saved: Checkpoint | None, config: Mapping[str, Any]) -> Trigger | None:
     """The trigger a resumed ``f3ba`` / ``a3fl`` run relays next (``None``: the starting one)."""
-    if saved is None or saved.attack_trigger is None:
-        if saved is not None and saved.server_round > 0 and config["attack"] in OPTIMISED_TRIGGER_ATTACKS:
-            log(WARNING, "checkpoint %s keeps no relayed trigger: it restarts from the start", saved.path)
+    if saved is None:
         return None
-    return Trigger.from_bytes(bytes.fromhex(saved.attack_trigger))
+    if saved.attack_trigger is not None:
+        return Trigger.from_bytes(bytes.fromhex(saved.attack_trigger))
+    if saved.server_round > 0 and config["attack"] in OPTIMISED_TRIGGER_ATTACKS:
+        log(WARNING, "checkpoint %s keeps no relayed trigger: it restarts from the start", saved.path)
+    return None
 
 
 def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
