@@ -41,6 +41,7 @@ __all__ = [
     "TASKS",
     "TASK_DEFAULTS",
     "TRIGGER_ATTACKS",
+    "defense_label",
     "resolve_config",
     "resolve_data_root",
 ]
@@ -354,6 +355,16 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
     if config["partition"] == "user" and task != "sent140":
         raise ValueError(f"run config 'partition' = 'user' needs a task with users (sent140), not {task!r}")
     return config
+
+
+def defense_label(config: Mapping[str, Any]) -> str:
+    """The defense's name, plus ``tau=...``/``trim-ratio=...`` where an Invariant defense's differ
+    from the defaults (``"invariant-bloc-exclusion tau=0.3"``): what reports and grids tell apart."""
+    defense = str(config["defense"])
+    if not defense.startswith("invariant"):  # only the defenses built on InvariantAggregation
+        return defense
+    changed = [f"{key}={config[key]}" for key in ("tau", "trim-ratio") if config.get(key, DEFAULTS[key]) != DEFAULTS[key]]
+    return " ".join([defense, *changed])
 
 
 def resolve_data_root(config: Mapping[str, Any]) -> Path:

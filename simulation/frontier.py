@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flwr_invariant.settings import DEFAULT_TAU, DEFAULT_TRIM_RATIO
-
+from .config import defense_label
 from .report import RunResult, as_float, defense_order, file_safe, load_runs
 
 __all__ = ["BAR", "FrontierPoint", "frontier_points", "write_frontier"]
@@ -44,15 +43,6 @@ class FrontierPoint:
         return float(self.peak_backdoor.max())
 
 
-def _label(run: RunResult) -> str:
-    defense = str(run.config["defense"])
-    if not defense.startswith("invariant"):  # only the defenses built on InvariantAggregation
-        return defense
-    settings = (("tau", DEFAULT_TAU), ("trim-ratio", DEFAULT_TRIM_RATIO))
-    changed = [f"{k}={run.config[k]}" for k, default in settings if run.config.get(k, default) != default]
-    return " ".join([defense, *changed])
-
-
 def _backdoor(run: RunResult) -> list[tuple[int, float]]:
     values = [(int(r["round"]), as_float(r.get("acc_backdoor"))) for r in run.records if int(r["round"]) > 0]
     return [(n, v) for n, v in values if not np.isnan(v)]
@@ -62,7 +52,7 @@ def frontier_points(runs: Iterable[RunResult]) -> list[FrontierPoint]:
     """Points of the completed ``runs``, sorted by task, attack and defense order."""
     cells: dict[tuple[str, str, str, int], list[RunResult]] = {}
     for run in runs:
-        key = (str(run.config["task"]), _label(run), str(run.config["attack"]), run.final_round)
+        key = (str(run.config["task"]), defense_label(run.config), str(run.config["attack"]), run.final_round)
         cells.setdefault(key, []).append(run)
     points = []
     for (task, label, attack, rounds), members in cells.items():

@@ -1,6 +1,8 @@
 """Experiment grids: defenses x attacks x seeds from a TOML or YAML file, resumable.
 
-Each run writes ``OUTPUT/<defense>__<attack>__seed<seed>/``:
+Each run writes ``OUTPUT/<defense>__<attack>__seed<seed>/`` (an Invariant defense at a
+non-default ``tau`` or trim ratio: ``<defense>_tau_0.3__...``, see
+:func:`simulation.config.defense_label`):
 
 - ``metrics.jsonl``: one JSON object per round (``round``, ``acc_main``,
   ``acc_backdoor``, ``loss``, ``seconds``, ``attackers_sampled`` and the
@@ -50,6 +52,12 @@ run once, the first cell naming it wins)::
     attacks = ["dba"]
     seeds = [0]
     base = { backdoor = "pixel" }      # DBA stamps a pixel trigger
+
+    [[cells]]
+    defenses = ["invariant-bloc-exclusion"]
+    attacks = ["blackbox"]
+    seeds = [0]
+    base = { tau = 0.3 }               # run invariant-bloc-exclusion_tau_0.3__blackbox__seed0
 """
 
 from __future__ import annotations
@@ -70,8 +78,9 @@ from typing import Any
 from flwr.common.logger import log
 
 from .checkpoint import checkpoint_lock, clear_checkpoint, read_checkpoint
-from .config import CACHE_DIR_NAME, DEFAULTS, resolve_config
+from .config import CACHE_DIR_NAME, DEFAULTS, defense_label, resolve_config
 from .launcher import Resources, run
+from .report import file_safe
 
 __all__ = ["Cell", "GridSpec", "load_grid", "run_grid", "run_into", "versions"]
 
@@ -135,7 +144,8 @@ class GridSpec:
                 for attack in cell.attacks:
                     for seed in cell.seeds:
                         overrides = {**base, **cell.base, "defense": defense, "attack": attack, "seed": seed}
-                        runs.setdefault(f"{defense}__{attack}__seed{seed}", overrides)
+                        label = file_safe(defense_label({**DEFAULTS, **overrides}))
+                        runs.setdefault(f"{label}__{attack}__seed{seed}", overrides)
         return list(runs.items())
 
 

@@ -2,8 +2,9 @@
 
 Each run lives in ``RESULTS_DIR/<run-name>/`` with ``config.json`` (``{"run": {...}, "completed": ...}``) and
 ``metrics.jsonl`` (one JSON object per round, round 0 being the initial model). Runs are grouped by
-``(task, attack, defense)``; the table shows the final round's ``acc_main``/``acc_backdoor`` as
-``mean ± std`` over seeds (population std, ``ddof=0``). Under an attack, a second table per pair shows how
+``(task, attack, defense)``, a defense at a non-default ``tau`` or trim ratio being its own row
+(``simulation.config.defense_label``); the table shows the final round's ``acc_main``/``acc_backdoor``
+as ``mean ± std`` over seeds (population std, ``ddof=0``). Under an attack, a second table per pair shows how
 much ``acc_backdoor`` moved per round against how many malicious clients that round sampled (and, for
 defenses that report it, the fraction of coordinates the AND-mask kept): a defense that only slows a
 backdoor down shows a steady positive drift that grows with the attackers. Incomplete or unreadable
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
-from .config import CACHE_DIR_NAME
+from .config import CACHE_DIR_NAME, defense_label
 
 __all__ = [
     "METRICS",
@@ -90,8 +91,8 @@ class RunResult:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        """``(task, attack, defense)``."""
-        return str(self.config["task"]), str(self.config["attack"]), str(self.config["defense"])
+        """``(task, attack, defense label)``: runs of one defense at another ``tau`` are another row."""
+        return str(self.config["task"]), str(self.config["attack"]), defense_label(self.config)
 
     @property
     def final_round(self) -> int:

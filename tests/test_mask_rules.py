@@ -126,9 +126,10 @@ def test_memory_state_continues_where_it_was_saved() -> None:
         InvariantConfig(mask_rule="collusion").restore_mask_memory(saved)
 
 
+@pytest.mark.parametrize("tau", [0.6, 0.3])  # the paper's, and the one recommended with bloc-exclusion
 @pytest.mark.parametrize("rule", MASK_RULES)
-def test_every_rule_gets_the_papers_failure_modes_right(rule: str) -> None:
-    config = InvariantConfig(tau=0.6, trim_ratio=0.2, mask_rule=rule)
+def test_every_rule_gets_the_papers_failure_modes_right(rule: str, tau: float) -> None:
+    config = InvariantConfig(tau=tau, trim_ratio=0.2, mask_rule=rule)
     zeros = [np.zeros(2, dtype=np.float32)]
     new, _ = config.aggregate(zeros, [[-row] for row in FAILURE_MODES])  # w_i = w - g_i
     step = zeros[0] - new[0]

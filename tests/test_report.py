@@ -105,6 +105,15 @@ def test_markdown_table_values(results: Path) -> None:
     assert rows["invariant"] == ["0.800 ± 0.050", "0.150 ± 0.050", "2", "3"]
 
 
+def test_an_invariant_defense_at_another_tau_is_its_own_row(results: Path) -> None:
+    config = {**_run_config("linear", "blackbox", "invariant", 0), "tau": 0.3}
+    _write_run(results, "invariant_tau_0.3__blackbox__seed0", config, _records(0.85, 0.05))
+    rows = _table_rows(write_report(results).markdown.read_text(encoding="utf-8"), "attack `blackbox`")
+    assert list(rows) == ["fedavg", "invariant tau=0.3", "invariant"]
+    assert rows["invariant tau=0.3"][:2] == ["0.850 ± 0.000", "0.050 ± 0.000"]
+    assert rows["invariant"][:2] == ["0.800 ± 0.050", "0.150 ± 0.050"]  # the tau=0.6 runs alone
+
+
 def test_second_pair_has_own_section_and_order(results: Path) -> None:
     files = write_report(results)
     text = files.markdown.read_text(encoding="utf-8")
