@@ -363,8 +363,8 @@ def defense_label(config: Mapping[str, Any]) -> str:
     defense = str(config["defense"])
     if not defense.startswith("invariant"):  # only the defenses built on InvariantAggregation
         return defense
-    changed = [f"{key}={config[key]}" for key in ("tau", "trim-ratio") if config.get(key, DEFAULTS[key]) != DEFAULTS[key]]
-    return " ".join([defense, *changed])
+    differs = [key for key in ("tau", "trim-ratio") if config.get(key, DEFAULTS[key]) != DEFAULTS[key]]
+    return " ".join([defense, *(f"{key}={config[key]}" for key in differs)])
 
 
 def resolve_data_root(config: Mapping[str, Any]) -> Path:
