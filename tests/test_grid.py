@@ -335,7 +335,7 @@ def test_a_cell_setting_an_invariant_defense_s_tau_names_its_runs_apart(tmp_path
         '[base]\ntask = "linear"\n'
         '[[cells]]\ndefenses = ["fedavg", "invariant-bloc-exclusion"]\nattacks = ["blackbox"]\n'
         '[[cells]]\ndefenses = ["fedavg", "invariant-bloc-exclusion"]\nattacks = ["blackbox"]\n'
-        'base = { tau = 0.3, trim-ratio = 0.2 }\n'
+        "base = { tau = 0.3, trim-ratio = 0.2 }\n"
     )
     runs = dict(load_grid(path).runs())
     assert list(runs) == ["fedavg__blackbox__seed0", "invariant-bloc-exclusion__blackbox__seed0",
