@@ -301,6 +301,43 @@ def _attacker_sections(groups: Sequence[_Group]) -> list[str]:
     return lines
 
 
+def _overview(pairs: dict[tuple[str, str], list[_Group]]) -> list[str]:
+    """Markdown: per task with several attacks, a defense per row and an attack per column, each cell
+    ``acc_main / acc_backdoor`` (final round, mean over seeds); ``-`` where that run is missing."""
+    lines: list[str] = []
+    for task in dict.fromkeys(task for task, _ in pairs):
+        attacks = [attack for t, attack in pairs if t == task]
+        if len(attacks) < 2:
+            continue
+        cells = {
+            (group.defense, attack): group
+            for (t, attack), groups in pairs.items()
+            if t == task
+            for group in groups
+        }
+        defenses = defense_order(defense for defense, _ in cells)
+        lines += [
+            f"## task `{task}`: every defense against every attack",
+            "",
+            "Final-round `acc_main / acc_backdoor`, mean over seeds.",
+            "",
+            "| defense | " + " | ".join(f"`{attack}`" for attack in attacks) + " |",
+            "|:--|" + "--:|" * len(attacks),
+        ]
+        for defense in defenses:
+            row = []
+            for attack in attacks:
+                group = cells.get((defense, attack))
+                row.append(
+                    f"{group.stats('acc_main')[0]:.3f} / {group.stats('acc_backdoor')[0]:.3f}"
+                    if group
+                    else "-"
+                )
+            lines.append(f"| {defense} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
 def _markdown(results_dir: Path, pairs: dict[tuple[str, str], list[_Group]], skipped: dict[str, str]) -> str:
     lines = [
         "# Results",
@@ -310,6 +347,7 @@ def _markdown(results_dir: Path, pairs: dict[tuple[str, str], list[_Group]], ski
     ]
     if not pairs:
         lines += ["No completed runs found.", ""]
+    lines += _overview(pairs)
     for (task, attack), groups in pairs.items():
         lines += [
             f"## task `{task}`, attack `{attack}`",

@@ -114,6 +114,19 @@ def test_an_invariant_defense_at_another_tau_is_its_own_row(results: Path) -> No
     assert rows["invariant"][:2] == ["0.800 ± 0.050", "0.150 ± 0.050"]  # the tau=0.6 runs alone
 
 
+def test_a_task_under_several_attacks_gets_a_defense_by_attack_overview(results: Path) -> None:
+    text = write_report(results).markdown.read_text(encoding="utf-8")
+    assert "every defense against every attack" not in text  # one attack per task so far
+    _write_run(results, "fedavg__pgd__seed0", _run_config("linear", "pgd", "fedavg", 0), _records(0.7, 0.6))
+    text = write_report(results).markdown.read_text(encoding="utf-8")
+    rows = _table_rows(text, "task `linear`: every defense against every attack")
+    assert rows == {
+        "fedavg": ["0.750 / 0.800", "0.700 / 0.600"],  # blackbox: the mean over seeds 0 and 1
+        "invariant": ["0.800 / 0.150", "-"],  # never run under pgd
+    }
+    assert "task `fmnist`: every defense" not in text
+
+
 def test_second_pair_has_own_section_and_order(results: Path) -> None:
     files = write_report(results)
     text = files.markdown.read_text(encoding="utf-8")
