@@ -30,7 +30,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["CONNECTION", "LocalSuperLink", "config_arg", "executable", "exit_on_sigterm", "toml_value"]
+__all__ = [
+    "CONNECTION",
+    "LocalSuperLink",
+    "config_arg",
+    "executable",
+    "exit_on_sigterm",
+    "free_port",
+    "toml_value",
+]
 
 #: Name of the SuperLink connection in this SuperLink's ``FLWR_HOME/config.toml``.
 CONNECTION = "local"
@@ -62,7 +70,8 @@ def config_arg(config: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (bind to port 0 and let the kernel choose)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
@@ -90,7 +99,7 @@ class LocalSuperLink:
         self, home: Path, env: Mapping[str, str | None] | None = None, startup_timeout: float = 120.0
     ) -> None:
         self.home = home
-        self.port = _free_port()
+        self.port = free_port()
         self.startup_timeout = startup_timeout
         self.log_path = home / "superlink.log"
         self.process: subprocess.Popen[bytes] | None = None

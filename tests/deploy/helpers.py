@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulation.superlink import config_arg
+from simulation.superlink import config_arg, free_port
 
 from .pki import NodeKeys, TlsFiles
 
@@ -45,13 +45,6 @@ CONNECTION = "test"  # name of the SuperLink connection in the CLI's config.toml
 _BIN = Path(sys.executable).parent
 #: What a log shows when a Python process crashed or an exception escaped.
 _CRASH_MARKERS = ("Traceback (most recent call last)",)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (bind to port 0 and let the kernel choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def port_open(port: int) -> bool:
