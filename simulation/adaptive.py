@@ -26,6 +26,12 @@ of :mod:`simulation.attackers`).
   threshold (coordinates the benign clients lean toward, below ``tau``, and those
   they already pass), with values inside ``mean +- adaptive-z * std`` of the benign
   estimates so the trimmed mean keeps them, and the benign mean everywhere else.
+- ``bloc-evasion`` (ours; the attack on ``mask_rule="bloc-exclusion"``, which sets
+  aside clients whose update signs agree unusually well with another's): train on the
+  poisoned set, keep that update only on the ``evasion-keep`` fraction of
+  coordinates where it differs most from the benign estimates' mean, and send the
+  benign mean elsewhere. Most of its signs are then an honest client's, so its
+  agreement with its colluders falls toward the honest pairs'.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from flwr_invariant.aggregate import min_votes
 
 __all__ = [
     "alie_update",
+    "bloc_evasion_update",
     "expected_votes",
     "flat_update",
     "mask_tipping_update",
@@ -145,3 +152,18 @@ def mask_tipping_update(
     # On target coordinates |backdoor| > 0 and reach > 0, so the magnitude is never 0 (a vote).
     magnitude = torch.minimum(torch.maximum(backdoor.abs(), floor), reach)
     return torch.where(target, direction * magnitude, mean), target
+
+
+def bloc_evasion_update(
+    backdoor: torch.Tensor, benign: torch.Tensor, keep: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update a bloc-evasion attacker sends, and the coordinates where it keeps its backdoor.
+
+    ``backdoor``: ``(P,)`` its poisoned-training update; ``benign``: ``(K, P)`` estimated
+    benign updates. On the ``keep`` fraction of coordinates with the largest
+    ``|backdoor - mean(benign)|`` the update is ``backdoor``; elsewhere the benign mean.
+    Returns ``(update, kept)``, ``(P,)`` float and bool.
+    """
+    mean = benign.mean(dim=0)
+    kept = top_coordinates(backdoor - mean, keep)
+    return torch.where(kept, backdoor, mean), kept

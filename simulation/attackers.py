@@ -12,7 +12,7 @@ after every optimizer step, :meth:`~Attack.finish` on the trained model. Modes:
 - ``"pgd-replace"``: PGD, then the update ``w - w_global`` is multiplied by
   ``total / attacker_examples`` (model replacement; see
   :func:`simulation.attacks.replacement_factor`).
-- ``"alie"``, ``"neurotoxin"``, ``"mask-tipping"``: attackers that know the defense;
+- ``"alie"``, ``"neurotoxin"``, ``"mask-tipping"``, ``"bloc-evasion"``: attackers that know the defense;
   they first train benign estimates on their own clean data (see :mod:`simulation.adaptive`).
 - ``"dba"``, ``"f3ba"``, ``"a3fl"`` (``backdoor = "pixel"``): attacks with a trigger of their
   own (:mod:`simulation.triggers`): DBA's distributed trigger (:mod:`simulation.dba`),
@@ -53,6 +53,7 @@ __all__ = [
     "Attack",
     "AttackContext",
     "Blackbox",
+    "BlocEvasion",
     "EstimatingAttack",
     "MaskTipping",
     "Neurotoxin",
@@ -257,6 +258,19 @@ class MaskTipping(EstimatingAttack):
         adaptive.set_flat_update_(context.model, context.reference, update)
 
 
+class BlocEvasion(EstimatingAttack):
+    """The backdoor update on the ``evasion-keep`` fraction of coordinates where it departs most from
+    the benign estimates, their mean elsewhere (:func:`simulation.adaptive.bloc_evasion_update`)."""
+
+    name = "bloc-evasion"
+
+    def finish(self) -> None:
+        context = self.context
+        backdoor = adaptive.flat_update(context.model, context.reference)
+        update, _ = adaptive.bloc_evasion_update(backdoor, self.benign, context.config["evasion-keep"])
+        adaptive.set_flat_update_(context.model, context.reference, update)
+
+
 class DBA(Attack):
     """Plain training on backdoor samples stamped with this attacker's part of the
     distributed trigger (which part: :func:`simulation.dba.attacker_part`)."""
@@ -341,7 +355,8 @@ class A3FL(OptimisedTrigger):
 
 #: Attack mode name -> class; with ``"none"`` these are :data:`simulation.config.ATTACKS`.
 ATTACKERS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (Blackbox, PGD, PGDReplace, ALIE, Neurotoxin, MaskTipping, DBA, F3BA, A3FL)
+    cls.name: cls
+    for cls in (Blackbox, PGD, PGDReplace, ALIE, Neurotoxin, MaskTipping, BlocEvasion, DBA, F3BA, A3FL)
 }
 
 

@@ -109,9 +109,10 @@ DEFAULTS: dict[str, Any] = {
     "project-every": 10,  # PGD projection every this many optimizer steps (and at the end)
     "replace-total-examples": 0,  # pgd-replace: examples per round; 0 = estimate (see attacks.py)
     "trigger-size": 3,  # side of the pixel-pattern trigger square, in pixels
-    "adaptive-estimates": 3,  # alie, neurotoxin: benign updates the attacker trains as estimates
+    "adaptive-estimates": 3,  # estimating attacks: benign updates the attacker trains first
     "adaptive-z": 1.0,  # alie: stay within mean +- z * std of the benign estimates
     "neurotoxin-top": 0.1,  # neurotoxin: fraction of most-updated coordinates the attacker leaves alone
+    "evasion-keep": 0.1,  # bloc-evasion: fraction of coordinates that carry the poisoned update
     "dba-parts": 4,  # dba: local triggers (bars of trigger-size pixels) the global trigger is split into
     "trigger-epochs": 1,  # f3ba, a3fl: passes of trigger optimisation over the attacker's images per round
     "trigger-lr": 0.02,  # f3ba, a3fl: sign-gradient step of the trigger, in pixel units ([0, 1])
@@ -146,6 +147,7 @@ ATTACKS = (
     "alie",
     "neurotoxin",
     "mask-tipping",
+    "bloc-evasion",
     "dba",
     "f3ba",
     "a3fl",
@@ -303,6 +305,8 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(
             f"run config 'malicious-fraction' must be in [0, 1], got {config['malicious-fraction']!r}"
         )
+    if not 0.0 < config["evasion-keep"] <= 1.0:
+        raise ValueError(f"run config 'evasion-keep' must be in (0, 1], got {config['evasion-keep']!r}")
     if not 0.0 <= config["neurotoxin-top"] < 1.0:
         raise ValueError(f"run config 'neurotoxin-top' must be in [0, 1), got {config['neurotoxin-top']!r}")
     for key in ("trigger-lr", "a3fl-adv-lr"):

@@ -35,9 +35,19 @@ def test_top_coordinates_and_neurotoxin_hook_freeze_the_most_updated_coordinates
     assert update[1] == 0.0 and update[2] == 0.0  # frozen coordinates are exactly the global ones
 
 
-@pytest.mark.parametrize("mode", ["alie", "neurotoxin"])
+def test_bloc_evasion_keeps_its_backdoor_where_it_departs_most_from_the_benign_mean():
+    benign = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 2.0]])  # mean 2, 0, 2
+    backdoor = torch.tensor([2.5, -4.0, 2.0])  # departs 0.5, 4, 0
+    update, kept = adaptive.bloc_evasion_update(backdoor, benign, keep=1 / 3)
+    assert kept.tolist() == [False, True, False]
+    assert update.tolist() == [2.0, -4.0, 2.0]  # the benign mean but where it departs most
+    update, kept = adaptive.bloc_evasion_update(backdoor, benign, keep=1.0)
+    assert kept.all() and update.tolist() == backdoor.tolist()  # keep = 1: the black-box attacker
+
+
+@pytest.mark.parametrize("mode", ["alie", "neurotoxin", "bloc-evasion"])
 def test_adaptive_attackers_train_for_real(mode):
-    config = resolve_config(LINEAR, {"attack": mode, "neurotoxin-top": 0.5})
+    config = resolve_config(LINEAR, {"attack": mode, "neurotoxin-top": 0.5, "evasion-keep": 0.25})
     attacker = attacker_partitions(5, 0.4, config["seed"], "pool")[0]
     task = load_task(config)
     global_state = model_for(task, config).state_dict()

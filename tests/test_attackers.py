@@ -116,6 +116,8 @@ PINNED_RESULTS = {
     "neurotoxin": (0.625141230225563, 4.175466060638428, 2.0132675170898438),
     # with 3 clients a round and one colluder it spends its update exactly where ALIE does
     "mask-tipping": (0.49969416856765747, 4.3281097412109375, -0.25261396169662476),
+    # computed when it was added: the black-box trigger weight survives, on 4 of the 44 coordinates
+    "bloc-evasion": (0.49969416856765747, 5.137474536895752, 3.263091802597046),
 }
 
 
