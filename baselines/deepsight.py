@@ -74,9 +74,9 @@ def clustering_labels(features: np.ndarray, metric: str = "euclidean") -> np.nda
     if count < 2:
         return np.zeros(count, dtype=int)
     hdbscan = require("sklearn.cluster", "simulation", "the DeepSight baseline").HDBSCAN
-    labels = hdbscan(min_cluster_size=2, min_samples=1, metric=metric, allow_single_cluster=True).fit_predict(
-        np.maximum(features, 0.0) if metric == "precomputed" else features
-    )
+    labels = hdbscan(
+        min_cluster_size=2, min_samples=1, metric=metric, allow_single_cluster=True, copy=True
+    ).fit_predict(np.maximum(features, 0.0) if metric == "precomputed" else features)
     noise = labels < 0
     labels[noise] = labels.max(initial=-1) + 1 + np.arange(int(noise.sum()))
     return labels

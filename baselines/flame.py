@@ -25,7 +25,11 @@ def flame_admitted(models: np.ndarray) -> np.ndarray:
     distances = pairwise_distances(models, "cosine")
     hdbscan = require("sklearn.cluster", "simulation", "the FLAME baseline").HDBSCAN
     labels = hdbscan(
-        min_cluster_size=count // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True
+        min_cluster_size=count // 2 + 1,
+        min_samples=1,
+        metric="precomputed",
+        allow_single_cluster=True,
+        copy=True,  # scikit-learn 1.9 warns unless set; the default becomes True in 1.10
     ).fit_predict(np.maximum(distances, 0.0))
     clustered = labels[labels >= 0]
     if clustered.size == 0:

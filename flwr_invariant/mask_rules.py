@@ -22,7 +22,13 @@ The other rules change how votes count; each returns, per layer, a step scale in
 - ``"bloc-exclusion"``: a client with any unusually similar partner (``k_i >= 1`` above)
   sits the round out, votes and values: the paper's algorithm then runs on the rest, so a
   bloc cannot tip the mask by even one vote nor shift the trimmed mean's ranks
-  (:meth:`MaskRule.outside_blocs`).
+  (:meth:`MaskRule.outside_blocs`);
+- ``"departure-exclusion"``: the same exclusion, but the pairwise test compares where clients
+  depart from the coordinate-wise median (:func:`departure_agreement`), not their whole sign
+  vectors. An attacker that sends honest-looking values on most coordinates
+  (``bloc-evasion``) dilutes its agreement with its colluders in the whole vectors; to carry a
+  backdoor past the trimmed mean, though, several of them must push the same coordinates the
+  same way, and those shared pushes are their largest departures.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
@@ -36,18 +42,24 @@ import numpy as np
 from .aggregate import and_mask, min_votes, sign_votes
 
 __all__ = [
+    "CLIENT_SELECTING_RULES",
     "COLLUSION_SPREAD",
+    "DEPARTURE_SHARE",
     "MASK_RULES",
     "MEMORY_DECAY",
     "MaskRule",
     "collusion_weights",
+    "departure_agreement",
     "sign_agreement",
     "weighted_consistency",
 ]
 
-MASK_RULES = ("paper", "soft-margin", "collusion", "memory", "bloc-exclusion")
+MASK_RULES = ("paper", "soft-margin", "collusion", "memory", "bloc-exclusion", "departure-exclusion")
+#: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) and then run the paper's step.
+CLIENT_SELECTING_RULES = ("bloc-exclusion", "departure-exclusion")
 COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agreement
 MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
+DEPARTURE_SHARE = 0.1  # of each layer's coordinates: a client's largest departures from the median
 
 
 def sign_agreement(layers: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
@@ -69,6 +81,36 @@ def sign_agreement(layers: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
     if total is None:
         raise ValueError("sign_agreement needs at least one layer")
     return total / max(count, 1), count
+
+
+def departure_agreement(
+    layers: Iterable[np.ndarray], share: float = DEPARTURE_SHARE
+) -> tuple[np.ndarray, int]:
+    """``(N, N)`` agreement of the clients' largest departures from the median, and the count compared.
+
+    Per layer of ``P`` coordinates, client i departs by ``d_i = x_i - median_j(x_j)``; its
+    departure signs ``s_i`` are ``sign(d_i)`` on its ``ceil(share * P)`` largest ``|d_i|`` and 0
+    elsewhere. Returns ``sum over layers of s_i . s_j`` divided by the coordinates each client
+    keeps over all layers (1: two clients depart the same way on the same coordinates; near 0
+    for independent clients), and that count. ``layers``: each ``(N, *layer_shape)``.
+    """
+    total, count = None, 0
+    for layer in layers:
+        num_clients = layer.shape[0]
+        if total is None:
+            total = np.zeros((num_clients, num_clients))
+        flat = np.asarray(layer, dtype=np.float32).reshape(num_clients, -1)
+        departures = flat - np.median(flat, axis=0)
+        kept = max(1, int(np.ceil(share * flat.shape[1])))
+        largest = np.argpartition(-np.abs(departures), kept - 1, axis=1)[:, :kept]
+        signs = np.zeros_like(departures)
+        rows = np.arange(num_clients)[:, None]
+        signs[rows, largest] = np.sign(departures[rows, largest])
+        total += signs.astype(np.float64) @ signs.T.astype(np.float64)
+        count += kept
+    if total is None:
+        raise ValueError("departure_agreement needs at least one layer")
+    return total / count, count
 
 
 def collusion_weights(
@@ -151,8 +193,8 @@ class MaskRule:
                 margin = sign_votes(layer) - (needed - 1)  # 1 at the threshold, N - k + 1 when unanimous
                 result.append(np.clip(margin / (num_clients - needed + 1), 0.0, 1.0))
             return result, {}
-        if self.name == "bloc-exclusion":
-            raise ValueError("mask_rule 'bloc-exclusion' selects clients (outside_blocs), not coordinates")
+        if self.name in CLIENT_SELECTING_RULES:
+            raise ValueError(f"mask_rule {self.name!r} selects clients (outside_blocs), not coordinates")
         if self.name == "collusion":
             weights = collusion_weights(*sign_agreement(layers))
             scales = [
@@ -164,11 +206,14 @@ class MaskRule:
     def outside_blocs(self, layers: Iterable[np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
         """``(N,)`` bool: the clients with no unusually similar partner (:func:`collusion_weights` = 1).
 
-        ``layers``: each ``(N, *layer_shape)``, the same N clients' pseudo-gradients. Also returns
-        ``num_bloc_excluded``. When fewer than 2 clients would remain, every client is kept (a
-        round needs a spread of values; the metric still counts the flagged ones).
+        ``layers``: each ``(N, *layer_shape)``, the same N clients' pseudo-gradients. Similarity is
+        :func:`sign_agreement` for ``"bloc-exclusion"``, :func:`departure_agreement` for
+        ``"departure-exclusion"``. Also returns ``num_bloc_excluded``. When fewer than 2 clients
+        would remain, every client is kept (a round needs a spread of values; the metric still
+        counts the flagged ones).
         """
-        weights = collusion_weights(*sign_agreement(layers))
+        similarity = departure_agreement if self.name == "departure-exclusion" else sign_agreement
+        weights = collusion_weights(*similarity(layers))
         outside = weights == 1.0
         excluded = int((~outside).sum())
         if outside.sum() < 2:

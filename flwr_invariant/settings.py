@@ -17,7 +17,7 @@ import numpy as np
 
 from .aggregate import median_of, min_votes, pseudo_gradients, trim_count, trimmed_mean
 from .engines import BACKENDS, Engine, select_engine
-from .mask_rules import MaskRule
+from .mask_rules import CLIENT_SELECTING_RULES, MaskRule
 
 __all__ = [
     "BACKENDS",
@@ -114,7 +114,7 @@ class InvariantConfig:
         """
         self._warn_if_unanimous(len(updates))
         rule_metrics: dict[str, float] = {}
-        if self.mask_rule == "bloc-exclusion":
+        if self.mask_rule in CLIENT_SELECTING_RULES:
             outside, rule_metrics = self._rule[0].outside_blocs(
                 stacked for _, stacked in _masked_pseudo_gradients(global_weights, updates, median_layers)
             )

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import flwr_invariant.serverapp
 import flwr_invariant.strategy
@@ -10,10 +11,12 @@ from flwr_invariant.mask_rules import (
     MASK_RULES,
     MaskRule,
     collusion_weights,
+    departure_agreement,
     sign_agreement,
     weighted_consistency,
 )
 from flwr_invariant.settings import InvariantConfig
+from simulation.adaptive import bloc_evasion_update
 from simulation.config import resolve_config
 from tests.test_core import FAILURE_MODES
 
@@ -24,6 +27,52 @@ def test_sign_agreement_by_hand() -> None:
     agreement, count = sign_agreement([signs[:, :1] * 0.5, signs[:, 1:].reshape(3, 3, 1) * 7.0])
     np.testing.assert_array_equal(agreement, expected)
     assert count == 4
+
+
+def test_departure_agreement_by_hand() -> None:
+    # layer 1, share 0.5 (2 of 4 coordinates): medians (2, 0, 0, 0), departures
+    # [1, 0, 1, 0], [0, 0, -1, 5], [-2, 1, 0, 0]; largest two: {0, 2}, {3, 2}, {0, 1}.
+    # layer 2 (1 coordinate): median 2, departure signs [-1, 0, 1].
+    layer1 = np.array([[3, 0, 1, 0], [2, 0, -1, 5], [0, 1, 0, 0]], dtype=np.float32)
+    layer2 = np.array([[1.0], [2.0], [3.0]])
+    agreement, count = departure_agreement([layer1, layer2], share=0.5)
+    expected = np.array([[2 + 1, -1 + 0, -1 - 1], [-1 + 0, 2 + 0, 0 + 0], [-1 - 1, 0 + 0, 2 + 1]]) / 3
+    np.testing.assert_array_equal(agreement, expected)
+    assert count == 3
+
+
+def _evading_bloc_round(seed: int) -> list[np.ndarray]:
+    """16 honest updates (a common direction plus noise of scales 0.3-3) and 4 bloc-evasion updates."""
+    rng = np.random.default_rng(seed)
+    common = rng.standard_normal(2000).astype(np.float32)
+
+    def honest(scale: float) -> np.ndarray:
+        return common + scale * rng.standard_normal(2000).astype(np.float32)
+
+    backdoor = np.zeros(2000, dtype=np.float32)
+    backdoor[rng.choice(2000, 200, replace=False)] = 4.0 * rng.choice([-1.0, 1.0], 200)
+    bloc = [
+        bloc_evasion_update(
+            torch.tensor(honest(1.5) + backdoor), torch.tensor(np.stack([honest(1.5) for _ in range(3)])), 0.1
+        )[0].numpy()
+        for _ in range(4)
+    ]
+    return [honest(scale) for scale in np.linspace(0.3, 3.0, 16)] + bloc
+
+
+def test_departure_exclusion_finds_the_bloc_that_evades_the_whole_vector_test() -> None:
+    clients = _evading_bloc_round(seed=0)
+    outside, _ = MaskRule("bloc-exclusion", 0.3).outside_blocs([np.stack(clients)])
+    assert outside[16:].all()  # the evaders stay in; the quietest honest clients are flagged instead
+    assert not outside[:4].all()
+
+    global_weights = [np.zeros(2000, dtype=np.float32)]
+    updates = [[-update] for update in clients]  # w_i = w - g_i
+    config = InvariantConfig(tau=0.3, mask_rule="departure-exclusion")
+    new, metrics = config.aggregate(global_weights, updates)
+    expected, fraction = invariant_update(global_weights, updates[:16], tau=0.3, trim_ratio=0.45)
+    np.testing.assert_array_equal(new[0], expected[0])
+    assert metrics["num_bloc_excluded"] == 4 and metrics["mask_fraction"] == fraction
 
 
 def test_collusion_weights_share_a_blocs_vote() -> None:
@@ -198,7 +247,10 @@ def test_paper_rule_is_the_reference_bit_for_bit() -> None:
 def test_strategies_take_and_validate_mask_rule(cls) -> None:
     with pytest.raises(
         ValueError,
-        match="mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion; got 'x'",
+        match=(
+            "mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion, "
+            "departure-exclusion; got 'x'"
+        ),
     ):
         cls(mask_rule="x")
     assert "mask_rule='collusion'" in repr(cls(mask_rule="collusion"))
