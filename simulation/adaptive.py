@@ -32,6 +32,13 @@ of :mod:`simulation.attackers`).
   coordinates where it differs most from the benign estimates' mean, and send the
   benign mean elsewhere. Most of its signs are then an honest client's, so its
   agreement with its colluders falls toward the honest pairs'.
+- ``split-evasion`` (ours; the attack on ``mask_rule="departure-exclusion"``, which
+  compares the clients' largest departures from the coordinate-wise median): as
+  ``bloc-evasion``, but the colluders share the coordinates out: the attacker of
+  pool rank ``r`` keeps its poisoned update only on coordinates ``c`` with
+  ``c mod evasion-parts == r mod evasion-parts``, so no two colluders of different
+  parts depart on the same coordinate. Each coordinate then carries at most about one
+  attacker's push, which is what the defense's argument says the trimmed mean removes.
 """
 
 from __future__ import annotations
@@ -166,4 +173,28 @@ def bloc_evasion_update(
     """
     mean = benign.mean(dim=0)
     kept = top_coordinates(backdoor - mean, keep)
+    return torch.where(kept, backdoor, mean), kept
+
+
+def split_evasion_update(
+    backdoor: torch.Tensor, benign: torch.Tensor, keep: float, part: int, parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bloc_evasion_update` restricted to this attacker's share of the coordinates.
+
+    ``part`` in ``[0, parts)``: the attacker's share is the coordinates ``c`` with
+    ``c mod parts == part``; among them it keeps ``backdoor`` on the ``keep`` fraction of all
+    ``P`` coordinates (at most its whole share) with the largest ``|backdoor - mean(benign)|``,
+    and sends the benign mean elsewhere. Returns ``(update, kept)``, ``(P,)`` float and bool.
+    """
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be in [0, parts={parts}), got {part}")
+    mean = benign.mean(dim=0)
+    departure = (backdoor - mean).abs()
+    outside = torch.arange(backdoor.numel()) % parts != part
+    departure[outside] = -1.0  # never among the largest: |departure| >= 0 inside the share
+    share = backdoor.numel() - int(outside.sum())
+    count = min(int(round(keep * backdoor.numel())), share)
+    kept = torch.zeros(backdoor.numel(), dtype=torch.bool)
+    if count:
+        kept[departure.topk(count).indices] = True
     return torch.where(kept, backdoor, mean), kept

@@ -12,7 +12,8 @@ after every optimizer step, :meth:`~Attack.finish` on the trained model. Modes:
 - ``"pgd-replace"``: PGD, then the update ``w - w_global`` is multiplied by
   ``total / attacker_examples`` (model replacement; see
   :func:`simulation.attacks.replacement_factor`).
-- ``"alie"``, ``"neurotoxin"``, ``"mask-tipping"``, ``"bloc-evasion"``: attackers that know the defense;
+- ``"alie"``, ``"neurotoxin"``, ``"mask-tipping"``, ``"bloc-evasion"``, ``"split-evasion"``: attackers
+  that know the defense;
   they first train benign estimates on their own clean data (see :mod:`simulation.adaptive`).
 - ``"dba"``, ``"f3ba"``, ``"a3fl"`` (``backdoor = "pixel"``): attacks with a trigger of their
   own (:mod:`simulation.triggers`): DBA's distributed trigger (:mod:`simulation.dba`),
@@ -93,6 +94,9 @@ class AttackContext:
         The pixel trigger stamped on the backdoor samples (``backdoor = "pixel"``).
     num_backdoor : int
         How many leading rows of ``x`` are backdoor samples.
+    pool_rank : int
+        Its index in the malicious pool (:func:`simulation.attacks.attacker_partitions`), which
+        colluders use to share work out.
     """
 
     model: nn.Module
@@ -107,6 +111,7 @@ class AttackContext:
     train: TrainFn
     trigger: Trigger | None = None
     num_backdoor: int = 0
+    pool_rank: int = 0
 
 
 class Attack:
@@ -271,6 +276,22 @@ class BlocEvasion(EstimatingAttack):
         adaptive.set_flat_update_(context.model, context.reference, update)
 
 
+class SplitEvasion(EstimatingAttack):
+    """:class:`BlocEvasion` on this attacker's share of the coordinates, by pool rank modulo
+    ``evasion-parts`` (:func:`simulation.adaptive.split_evasion_update`)."""
+
+    name = "split-evasion"
+
+    def finish(self) -> None:
+        context, config = self.context, self.context.config
+        backdoor = adaptive.flat_update(context.model, context.reference)
+        parts = config["evasion-parts"]
+        update, _ = adaptive.split_evasion_update(
+            backdoor, self.benign, config["evasion-keep"], context.pool_rank % parts, parts
+        )
+        adaptive.set_flat_update_(context.model, context.reference, update)
+
+
 class DBA(Attack):
     """Plain training on backdoor samples stamped with this attacker's part of the
     distributed trigger (which part: :func:`simulation.dba.attacker_part`)."""
@@ -356,7 +377,19 @@ class A3FL(OptimisedTrigger):
 #: Attack mode name -> class; with ``"none"`` these are :data:`simulation.config.ATTACKS`.
 ATTACKERS: dict[str, type[Attack]] = {
     cls.name: cls
-    for cls in (Blackbox, PGD, PGDReplace, ALIE, Neurotoxin, MaskTipping, BlocEvasion, DBA, F3BA, A3FL)
+    for cls in (
+        Blackbox,
+        PGD,
+        PGDReplace,
+        ALIE,
+        Neurotoxin,
+        MaskTipping,
+        BlocEvasion,
+        SplitEvasion,
+        DBA,
+        F3BA,
+        A3FL,
+    )
 }
 
 

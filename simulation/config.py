@@ -112,7 +112,8 @@ DEFAULTS: dict[str, Any] = {
     "adaptive-estimates": 3,  # estimating attacks: benign updates the attacker trains first
     "adaptive-z": 1.0,  # alie: stay within mean +- z * std of the benign estimates
     "neurotoxin-top": 0.1,  # neurotoxin: fraction of most-updated coordinates the attacker leaves alone
-    "evasion-keep": 0.1,  # bloc-evasion: fraction of coordinates that carry the poisoned update
+    "evasion-keep": 0.1,  # bloc-/split-evasion: fraction of coordinates that carry the poisoned update
+    "evasion-parts": 4,  # split-evasion: shares the colluders split the coordinates into (by pool rank)
     "dba-parts": 4,  # dba: local triggers (bars of trigger-size pixels) the global trigger is split into
     "trigger-epochs": 1,  # f3ba, a3fl: passes of trigger optimisation over the attacker's images per round
     "trigger-lr": 0.02,  # f3ba, a3fl: sign-gradient step of the trigger, in pixel units ([0, 1])
@@ -148,6 +149,7 @@ ATTACKS = (
     "neurotoxin",
     "mask-tipping",
     "bloc-evasion",
+    "split-evasion",
     "dba",
     "f3ba",
     "a3fl",
@@ -213,6 +215,7 @@ _POSITIVE_INT = (
     "trigger-size",
     "adaptive-estimates",
     "dba-parts",
+    "evasion-parts",
     "trigger-epochs",
     "sent140-vocab-size",
     "sent140-seq-length",

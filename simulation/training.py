@@ -243,11 +243,11 @@ def local_update(
             num_bad,
             len(poisoned_y) - num_bad,
         )
-        attacker = make_attacker(
-            AttackContext(
-                model, reference, task, x, y, poisoned_x, poisoned_y, config, seed, train_fn, stamp, num_bad
-            )
-        )
+        context = AttackContext(
+            model, reference, task, x, y, poisoned_x, poisoned_y, config, seed, train_fn, stamp, num_bad,
+            pool_rank=_malicious_pool(config).index(partition_id),
+        )  # fmt: skip
+        attacker = make_attacker(context)
         attacker.before()
         x, y = attacker.training_set()
     loss = train_as_configured(
@@ -264,9 +264,7 @@ def local_update(
 def _attacks_in(config: Mapping[str, Any], partition_id: int, server_round: int, pretrain: bool) -> bool:
     """Whether ``partition_id`` attacks in ``server_round``: never in pretraining or with
     ``attack = "none"``, else as the malicious pool and the attack schedule say."""
-    attackers = attacker_partitions(
-        config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
-    )
+    attackers = _malicious_pool(config)
     return (
         not pretrain
         and config["attack"] != "none"
@@ -278,6 +276,13 @@ def _attacks_in(config: Mapping[str, Any], partition_id: int, server_round: int,
             config["attack-every"],
             config["attack-start-round"],
         )
+    )
+
+
+def _malicious_pool(config: Mapping[str, Any]) -> list[int]:
+    """The run's malicious partitions (:func:`simulation.partition.attacker_partitions`)."""
+    return attacker_partitions(
+        config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
     )
 
 

@@ -45,7 +45,22 @@ def test_bloc_evasion_keeps_its_backdoor_where_it_departs_most_from_the_benign_m
     assert kept.all() and update.tolist() == backdoor.tolist()  # keep = 1: the black-box attacker
 
 
-@pytest.mark.parametrize("mode", ["alie", "neurotoxin", "bloc-evasion"])
+def test_split_evasion_keeps_its_backdoor_only_on_its_share_of_the_coordinates():
+    benign = torch.tensor([[1.0, 0.0, 2.0, 0.0], [3.0, 0.0, 2.0, 0.0]])  # mean 2, 0, 2, 0
+    backdoor = torch.tensor([2.5, -4.0, 2.0, 3.0])  # departs 0.5, 4, 0, 3
+    update, kept = adaptive.split_evasion_update(backdoor, benign, keep=0.25, part=0, parts=2)
+    assert kept.tolist() == [True, False, False, False]  # share {0, 2}: not 1, though it departs most
+    assert update.tolist() == [2.5, 0.0, 2.0, 0.0]
+    update, kept = adaptive.split_evasion_update(backdoor, benign, keep=0.25, part=1, parts=2)
+    assert update.tolist() == [2.0, -4.0, 2.0, 0.0]
+    update, kept = adaptive.split_evasion_update(backdoor, benign, keep=1.0, part=1, parts=2)
+    assert kept.tolist() == [False, True, False, True]  # at most its whole share
+    assert update.tolist() == [2.0, -4.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="part must be in"):
+        adaptive.split_evasion_update(backdoor, benign, keep=0.25, part=2, parts=2)
+
+
+@pytest.mark.parametrize("mode", ["alie", "neurotoxin", "bloc-evasion", "split-evasion"])
 def test_adaptive_attackers_train_for_real(mode):
     config = resolve_config(LINEAR, {"attack": mode, "neurotoxin-top": 0.5, "evasion-keep": 0.25})
     attacker = attacker_partitions(5, 0.4, config["seed"], "pool")[0]
@@ -58,6 +73,24 @@ def test_adaptive_attackers_train_for_real(mode):
         assert (update == 0).float().mean() >= 0.5  # the frozen half did not move
     benign = local_update(resolve_config(LINEAR, {"attack": "none"}), attacker, 1, global_state)
     assert not benign.attacking
+
+
+def test_split_evasion_takes_its_share_from_its_rank_in_the_malicious_pool(monkeypatch):
+    config = resolve_config(LINEAR, {"attack": "split-evasion", "evasion-parts": 2})
+    pool = attacker_partitions(5, 0.4, config["seed"], "pool")
+    task = load_task(config)
+    global_state = model_for(task, config).state_dict()
+    parts = []
+    real = adaptive.split_evasion_update
+
+    def recording(backdoor, benign, keep, part, num_parts):
+        parts.append((part, num_parts))
+        return real(backdoor, benign, keep, part, num_parts)
+
+    monkeypatch.setattr(adaptive, "split_evasion_update", recording)
+    for partition in pool:
+        local_update(config, partition, 1, global_state)
+    assert parts == [(rank % 2, 2) for rank in range(len(pool))]
 
 
 def test_mask_tipping_spends_its_votes_where_colluders_reach_the_threshold():

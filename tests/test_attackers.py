@@ -118,6 +118,9 @@ PINNED_RESULTS = {
     "mask-tipping": (0.49969416856765747, 4.3281097412109375, -0.25261396169662476),
     # computed when it was added: the black-box trigger weight survives, on 4 of the 44 coordinates
     "bloc-evasion": (0.49969416856765747, 5.137474536895752, 3.263091802597046),
+    # computed when it was added: pool rank 0 keeps only coordinates 0, 4, 8, ...; one of the two
+    # trigger weights is among them
+    "split-evasion": (0.49969418346881866, 4.645575523376465, 1.5052391290664673),
 }
 
 
