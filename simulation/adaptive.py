@@ -189,12 +189,6 @@ def split_evasion_update(
     if not 0 <= part < parts:
         raise ValueError(f"part must be in [0, parts={parts}), got {part}")
     mean = benign.mean(dim=0)
-    departure = (backdoor - mean).abs()
-    outside = torch.arange(backdoor.numel()) % parts != part
-    departure[outside] = -1.0  # never among the largest: |departure| >= 0 inside the share
-    share = backdoor.numel() - int(outside.sum())
-    count = min(int(round(keep * backdoor.numel())), share)
-    kept = torch.zeros(backdoor.numel(), dtype=torch.bool)
-    if count:
-        kept[departure.topk(count).indices] = True
+    share = torch.arange(backdoor.numel()) % parts == part
+    kept = top_coordinates(torch.where(share, backdoor - mean, 0.0), keep) & share
     return torch.where(kept, backdoor, mean), kept
