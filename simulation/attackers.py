@@ -95,7 +95,7 @@ class AttackContext:
     num_backdoor : int
         How many leading rows of ``x`` are backdoor samples.
     pool_rank : int
-        Its index in the malicious pool (:func:`simulation.attacks.attacker_partitions`), which
+        Its index in the malicious pool (:func:`simulation.partition.malicious_pool`), which
         colluders use to share work out.
     """
 

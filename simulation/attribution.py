@@ -44,7 +44,7 @@ from .attacks import backdoor_test_inputs
 from .config import resolve_config
 from .data import load_task
 from .grid import load_grid
-from .partition import attacker_partitions
+from .partition import malicious_pool
 from .pretrain import cache_file, load_cached
 from .training import evaluate, local_update, model_for, predict
 
@@ -92,9 +92,7 @@ def sample_round(config: Mapping[str, Any], attackers: int, draw: int) -> tuple[
 
     Seeded by ``(seed, attackers, draw)``; ``ValueError`` when the population has too few of either.
     """
-    malicious = attacker_partitions(
-        config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
-    )
+    malicious = malicious_pool(config)
     benign = sorted(set(range(config["num-partitions"])) - set(malicious))
     count = config["clients-per-round"]
     if not 0 <= attackers <= min(count, len(malicious)) or count - attackers > len(benign):

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .partition import attacker_partitions
+from .partition import malicious_pool
 
 __all__ = ["attacker_part", "part_masks"]
 
@@ -62,9 +62,7 @@ def attacker_part(config: Mapping[str, Any], partition_id: int, server_round: in
     ``(server_round // attack-every) mod dba-parts``. ``ValueError`` if the partition
     is not malicious.
     """
-    pool = attacker_partitions(
-        config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
-    )
+    pool = malicious_pool(config)
     if partition_id not in pool:
         raise ValueError(f"partition {partition_id} is not a malicious partition (pool {pool})")
     if config["attack-schedule"] == "every-k":

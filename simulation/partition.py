@@ -8,6 +8,8 @@ this project, and work on Hugging Face datasets rather than the in-memory tensor
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +19,7 @@ __all__ = [
     "iid_partition",
     "is_attack_round",
     "is_attacking",
+    "malicious_pool",
     "partition_indices",
     "user_partition",
 ]
@@ -126,6 +129,13 @@ def attacker_partitions(
     else:
         raise ValueError(f"run config 'attack-schedule' must be 'pool' or 'every-k', got {schedule!r}")
     return sorted(int(p) for p in rng.choice(num_partitions, size=count, replace=False))
+
+
+def malicious_pool(config: Mapping[str, Any]) -> list[int]:
+    """:func:`attacker_partitions` of a resolved run config (its partitions, fraction, seed, schedule)."""
+    return attacker_partitions(
+        config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
+    )
 
 
 def is_attack_round(server_round: int, schedule: str, every: int, start_round: int = 1) -> bool:

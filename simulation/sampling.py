@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from baselines import DEFENSES
 
-from .partition import attacker_partitions, is_attack_round
+from .partition import is_attack_round, malicious_pool
 
 __all__ = ["RoundSampler", "SeededSampling", "make_strategy"]
 
@@ -39,14 +39,7 @@ class RoundSampler:
         self.node_of = dict(node_of)
         self.config = config
         self.stream = stream
-        self.attackers = set(
-            attacker_partitions(
-                config["num-partitions"],
-                config["malicious-fraction"],
-                config["seed"],
-                config["attack-schedule"],
-            )
-        )
+        self.attackers = set(malicious_pool(config))
         self.history: dict[int, list[int]] = {}
 
     def partitions(self, server_round: int) -> list[int]:

@@ -18,7 +18,7 @@ from . import attacks
 from .attackers import AttackContext, make_attacker
 from .data import TaskData, load_partitions, load_task
 from .models import build_model, get_device
-from .partition import attacker_partitions, is_attacking
+from .partition import is_attacking, malicious_pool
 from .triggers import Trigger, attacker_trigger, evaluation_trigger
 
 __all__ = [
@@ -245,7 +245,7 @@ def local_update(
         )
         context = AttackContext(
             model, reference, task, x, y, poisoned_x, poisoned_y, config, seed, train_fn, stamp, num_bad,
-            pool_rank=_malicious_pool(config).index(partition_id),
+            pool_rank=malicious_pool(config).index(partition_id),
         )  # fmt: skip
         attacker = make_attacker(context)
         attacker.before()
@@ -264,7 +264,7 @@ def local_update(
 def _attacks_in(config: Mapping[str, Any], partition_id: int, server_round: int, pretrain: bool) -> bool:
     """Whether ``partition_id`` attacks in ``server_round``: never in pretraining or with
     ``attack = "none"``, else as the malicious pool and the attack schedule say."""
-    attackers = _malicious_pool(config)
+    attackers = malicious_pool(config)
     return (
         not pretrain
         and config["attack"] != "none"
@@ -276,13 +276,6 @@ def _attacks_in(config: Mapping[str, Any], partition_id: int, server_round: int,
             config["attack-every"],
             config["attack-start-round"],
         )
-    )
-
-
-def _malicious_pool(config: Mapping[str, Any]) -> list[int]:
-    """The run's malicious partitions (:func:`simulation.partition.attacker_partitions`)."""
-    return attacker_partitions(
-        config["num-partitions"], config["malicious-fraction"], config["seed"], config["attack-schedule"]
     )
 
 
