@@ -14,7 +14,8 @@ process's resident set during a timed call (which also sees torch's allocations)
 
 The numpy engine runs with its compiled step where numba (the ``fast`` extra) is installed,
 and again without it ("numpy only"). ``tau=0`` keeps every coordinate: the slowest case for
-invariant aggregation. A strategy whose memory would not fit is skipped.
+invariant aggregation. The two client-selecting mask rules (``bloc-exclusion``,
+``departure-exclusion``) add their pairwise test. A strategy whose memory would not fit is skipped.
 
     python benchmarks/aggregation.py [--clients 20,50,100,200] [--repeats 3] [--only numpy,FedAvg]
 """
@@ -102,6 +103,10 @@ def strategies(only: str = "") -> dict:
     every = {
         f"InvariantAggregation ({numpy})": InvariantAggregation(),
         f"InvariantAggregation ({numpy}, tau=0)": InvariantAggregation(tau=0.0),
+        f"InvariantAggregation ({numpy}, bloc-exclusion)": InvariantAggregation(mask_rule="bloc-exclusion"),
+        f"InvariantAggregation ({numpy}, departure-exclusion)": InvariantAggregation(
+            mask_rule="departure-exclusion"
+        ),
         "InvariantAggregation (numpy only)": NumpyOnly(InvariantAggregation()),
         f"InvariantAggregation (torch, {device})": InvariantAggregation(backend="torch"),
         FEDAVG: FedAvg(),

@@ -1,4 +1,5 @@
-"""The plain install: the strategies, the numpy core and the numpy baselines need only flwr and numpy.
+"""The plain install: the strategies, the numpy core and the numpy baselines need only flwr, numpy and
+threadpoolctl.
 
 Each check runs in a fresh interpreter in which the heavy packages cannot be imported, as after
 ``pip install flwr-invariant`` without extras (``.ci/run`` also checks a real plain install).
