@@ -29,6 +29,15 @@ def test_sign_agreement_by_hand() -> None:
     assert count == 4
 
 
+def test_sign_agreement_stays_exact_past_float32s_whole_numbers() -> None:
+    # 2**24 + 3 coordinates: one float32 running sum would stop counting at 2**24.
+    layer = np.ones((2, 2**24 + 3), dtype=np.float32)
+    layer[1, -3:] = -1.0
+    agreement, count = sign_agreement([layer])
+    assert count == 2**24 + 3
+    assert agreement[0, 1] * count == 2**24 - 3 and agreement[0, 0] == 1.0
+
+
 def test_departure_agreement_by_hand() -> None:
     # layer 1, share 0.5 (2 of 4 coordinates): medians (2, 0, 0, 0), departures
     # [1, 0, 1, 0], [0, 0, -1, 5], [-2, 1, 0, 0]; largest two: {0, 2}, {3, 2}, {0, 1}.
