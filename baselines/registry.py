@@ -91,6 +91,14 @@ def _multi_krum(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
     return ScreenedMultiKrum, {"num_malicious_nodes": f, "num_nodes_to_select": selected}
 
 
+def _crfl(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The run config's ``crfl-sigma`` and ``crfl-clip-*`` where given (else CRFL's defaults)."""
+    names = ("sigma", "clip_start", "clip_growth", "clip_max")
+    keys = {name: "crfl-" + name.replace("_", "-") for name in names}
+    settings = {name: float(config[key]) for name, key in keys.items() if key in config}
+    return CRFL, {"seed": int(config.get("seed", 0)), **settings}
+
+
 def _robust_lr(config: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
     """theta = f + 1, the least net vote the f attackers cannot cast alone (at most one per client)."""
     per_round = int(config.get("clients-per-round", 10))
@@ -121,7 +129,7 @@ DEFENSES: dict[str, DefenseFactory] = {
     "fltrust": lambda config: (FLTrust, {}),
     "deepsight": lambda config: (DeepSight, {}),
     "alignins": lambda config: (AlignIns, {}),
-    "crfl": lambda config: (CRFL, {"seed": int(config.get("seed", 0))}),
+    "crfl": _crfl,
     "multi-metrics": lambda config: (MultiMetrics, {}),
     **{f"invariant-{rule}": _invariant_rule(rule) for rule in MASK_RULES if rule != DEFAULT_MASK_RULE},
 }

@@ -75,6 +75,12 @@ DEFAULTS: dict[str, Any] = {
     "flain-aux-size": 500,  # FLAIN: clean training examples the server holds
     "fltrust-root-size": 100,  # FLTrust: the server's root dataset, drawn from the training pool
     "deepsight-probe-size": 200,  # DeepSight: random inputs per seed (3 seeds) for the DDifs
+    "crfl-sigma": 0.01,  # CRFL: std of the noise added to the global model's parameters
+    # CRFL's clip bound of the global model's norm, min(max, start + growth * round); the authors'
+    # MNIST values, for training from scratch: a pretrained start needs start above its norm
+    "crfl-clip-start": 2.0,
+    "crfl-clip-growth": 0.1,
+    "crfl-clip-max": 15.0,
     "crfl-certify-copies": 1000,  # CRFL: noisy copies of the final model for its certificate (0: none)
     "crfl-certify-inputs": 500,  # CRFL: clean test inputs (the first ones) the certificate covers
     "assumed-malicious": -1,  # f assumed by Krum & co.; -1 = round(malicious-fraction * clients-per-round)
@@ -234,7 +240,9 @@ _NON_NEGATIVE_INT = (
 )
 _TASK_INT = ("edge-case-samples", "clean-samples")  # >= 0, or -1 for the task's value
 _STRATEGY_PARAMETERS = ("tau", "trim-ratio", "server-learning-rate")  # checked by flwr_invariant.settings
+_POSITIVE_FLOAT = ("crfl-sigma", "crfl-clip-start", "crfl-clip-max")
 _NON_NEGATIVE_FLOAT = (
+    "crfl-clip-growth",
     "adaptive-z",
     "momentum",
     "weight-decay",
@@ -299,6 +307,9 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
             raise ValueError(
                 f"run config {key!r} must be >= 0 (or -1 for the task's value), got {config[key]!r}"
             )
+    for key in _POSITIVE_FLOAT:
+        if not (math.isfinite(config[key]) and config[key] > 0):
+            raise ValueError(f"run config {key!r} must be a finite number > 0, got {config[key]!r}")
     for key in _NON_NEGATIVE_FLOAT:
         if not (math.isfinite(config[key]) and config[key] >= 0):
             raise ValueError(f"run config {key!r} must be a finite number >= 0, got {config[key]!r}")

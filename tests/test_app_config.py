@@ -29,3 +29,14 @@ def test_server_side_data_sizes_are_validated() -> None:
     for key in ("fltrust-root-size", "deepsight-probe-size"):
         with pytest.raises(ValueError, match=key):
             resolve_config({key: 0})
+
+
+def test_crfl_settings_are_validated() -> None:
+    for key, bad in (
+        ("crfl-sigma", 0.0),
+        ("crfl-clip-start", -1.0),
+        ("crfl-clip-max", 0.0),
+        ("crfl-clip-growth", -0.1),
+    ):
+        with pytest.raises(ValueError, match=key):
+            resolve_config({key: bad})

@@ -472,6 +472,22 @@ def test_crfl_clips_the_model_norm_adds_seeded_noise_and_reports_the_contraction
         CRFL(sigma=0.0)
 
 
+def test_crfl_takes_its_noise_and_clip_schedule_from_the_run_config():
+    cls, kwargs = baselines.DEFENSES["crfl"](
+        {
+            "seed": 3,
+            "crfl-sigma": 0.02,
+            "crfl-clip-start": 10.5,
+            "crfl-clip-growth": 0.0,
+            "crfl-clip-max": 12.0,
+        }
+    )
+    strategy = cls(**kwargs)
+    assert (strategy.sigma, strategy.clip_bound(1), strategy.clip_bound(100)) == (0.02, 10.5, 10.5)
+    default = baselines.DEFENSES["crfl"]({})
+    assert default[0](**default[1]).clip_bound(1) == pytest.approx(2.1)  # the authors' MNIST schedule
+
+
 def test_crfl_vote_bounds_by_hand():
     # 8 noisy copies vote on 3 inputs (labels 2, 0, 1); Hoeffding margin sqrt(log(1/0.25) / 16) = 0.2943
     votes = np.array([[2, 0, 1], [2, 0, 0], [2, 1, 0], [2, 0, 1], [2, 0, 0], [2, 0, 1], [2, 0, 0], [1, 0, 1]])
