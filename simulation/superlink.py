@@ -34,6 +34,7 @@ __all__ = [
     "CONNECTION",
     "LocalSuperLink",
     "config_arg",
+    "end_session",
     "executable",
     "exit_on_sigterm",
     "free_port",
@@ -85,6 +86,23 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, unwind)
+
+
+def end_session(session: int, timeout: float = 30.0) -> None:
+    """SIGTERM every process left in process group ``session``; SIGKILL what remains after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(session, sig)
+        except ProcessLookupError:
+            return
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                os.killpg(session, 0)
+            except ProcessLookupError:
+                return
+        deadline = time.monotonic() + 10.0
 
 
 class LocalSuperLink:
@@ -230,14 +248,20 @@ class LocalSuperLink:
                 time.sleep(1.0)
 
     def close(self, timeout: float = 30.0) -> None:
-        """SIGTERM the SuperLink (it stops its SuperExec); SIGKILL its session after ``timeout``."""
+        """SIGTERM the SuperLink (it stops its SuperExec); SIGKILL its session after ``timeout``.
+
+        Then whatever is left in its session (a ``flwr-simulation`` still training and its Ray,
+        seen after a grid was killed mid-run) gets SIGTERM, and SIGKILL after ``timeout``.
+        """
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        end_session(process.pid, timeout)

@@ -7,6 +7,7 @@ and ``flwr run``), as ``python -m simulation`` runs them.
 import contextlib
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -408,3 +409,32 @@ def test_compare_prints_progress_and_the_table_without_warnings(tmp_path):
     assert "fedavg seed 0: 100%" in done.stderr  # the progress bar
     for unwanted in ("DEPRECATED", "Warning", "[ROUND", "Traceback"):
         assert unwanted not in output, unwanted
+
+
+def _alive_in_group(group: int) -> list[int]:
+    """Pids of live (not zombie) processes in process group ``group``, from /proc."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
+def test_closing_the_superlink_ends_what_it_left_behind_in_its_session(tmp_path) -> None:
+    from simulation.superlink import LocalSuperLink
+
+    link = LocalSuperLink(tmp_path)
+    # Stands in for flower-superlink: exits on SIGTERM but leaves a child running, as the real one
+    # left flwr-simulation and its Ray training after a grid was killed mid-run.
+    script = "sleep 600 & trap 'exit 0' TERM; while true; do sleep 0.1; done"
+    link.process = subprocess.Popen(["bash", "-c", script], start_new_session=True)  # noqa: S603, S607
+    group = link.process.pid
+    try:
+        wait_for(lambda: len(_alive_in_group(group)) >= 2, timeout=10, what="the stand-in and its child")
+        link.close(timeout=5)
+        assert _alive_in_group(group) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
