@@ -25,7 +25,7 @@ from simulation.grid import is_completed, load_grid, run_grid, run_into
 from simulation.launcher import Resources, federation_config, gpu_share
 from simulation.report import write_report
 
-from .deploy.helpers import free_port, port_open, process_tree, wait_for
+from .deploy.helpers import alive, free_port, port_open, process_tree, wait_for
 
 GRID = """
 name = "smoke"
@@ -411,17 +411,6 @@ def test_compare_prints_progress_and_the_table_without_warnings(tmp_path):
         assert unwanted not in output, unwanted
 
 
-def _alive_in_group(group: int) -> list[int]:
-    """Pids of live (not zombie) processes in process group ``group``, from /proc."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == group and fields[0] != "Z":
-                alive.append(int(stat.parent.name))
-    return alive
-
-
 def test_closing_the_superlink_ends_what_it_left_behind_in_its_session(tmp_path) -> None:
     from simulation.superlink import LocalSuperLink
 
@@ -432,9 +421,9 @@ def test_closing_the_superlink_ends_what_it_left_behind_in_its_session(tmp_path)
     link.process = subprocess.Popen(["bash", "-c", script], start_new_session=True)  # noqa: S603, S607
     group = link.process.pid
     try:
-        wait_for(lambda: len(_alive_in_group(group)) >= 2, timeout=10, what="the stand-in and its child")
+        started = wait_for(lambda: process_tree([group]) - {group}, timeout=10, what="the stand-in's child")
         link.close(timeout=5)
-        assert _alive_in_group(group) == []
+        assert not alive(group) and [pid for pid in started if alive(pid)] == []
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
