@@ -13,7 +13,7 @@ runs are skipped and listed.
 Example::
 
     from simulation.report import write_report
-    files = write_report(Path("results"))  # results/report.md, report.csv, acc_*__<task>__<attack>.png
+    files = write_report(Path("results"))  # results/report.md, report.csv, *.png
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.common.logger import log
 
 from .config import CACHE_DIR_NAME, defense_label
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "METRICS",
@@ -301,10 +304,28 @@ def _attacker_sections(groups: Sequence[_Group]) -> list[str]:
     return lines
 
 
-def _overview(pairs: dict[tuple[str, str], list[_Group]]) -> list[str]:
-    """Markdown: per task with several attacks, a defense per row and an attack per column, each cell
-    ``acc_main / acc_backdoor`` (final round, mean over seeds); ``-`` where that run is missing."""
-    lines: list[str] = []
+@dataclass(frozen=True)
+class _Overview:
+    """One task's grid of final results: ``cells[(defense, attack)]``, missing where not run."""
+
+    task: str
+    defenses: list[str]
+    attacks: list[str]
+    cells: dict[tuple[str, str], _Group]
+
+    def final(self, metric: str) -> np.ndarray:
+        """``(len(defenses), len(attacks))``: final ``metric``, mean over seeds; NaN where not run."""
+        return np.array(
+            [
+                [self.cells[d, a].stats(metric)[0] if (d, a) in self.cells else np.nan for a in self.attacks]
+                for d in self.defenses
+            ]
+        )
+
+
+def _overviews(pairs: dict[tuple[str, str], list[_Group]]) -> list[_Overview]:
+    """An :class:`_Overview` per task run under two or more attacks."""
+    overviews = []
     for task in dict.fromkeys(task for task, _ in pairs):
         attacks = [attack for t, attack in pairs if t == task]
         if len(attacks) < 2:
@@ -315,25 +336,32 @@ def _overview(pairs: dict[tuple[str, str], list[_Group]]) -> list[str]:
             if t == task
             for group in groups
         }
-        defenses = defense_order(defense for defense, _ in cells)
+        overviews.append(_Overview(task, defense_order(d for d, _ in cells), attacks, cells))
+    return overviews
+
+
+def _overview(pairs: dict[tuple[str, str], list[_Group]]) -> list[str]:
+    """Markdown: per task with several attacks, a defense per row and an attack per column, each cell
+    ``acc_main / acc_backdoor`` (final round, mean over seeds); ``-`` where that run is missing."""
+    lines: list[str] = []
+    for overview in _overviews(pairs):
+        main, backdoor = overview.final("acc_main"), overview.final("acc_backdoor")
         lines += [
-            f"## task `{task}`: every defense against every attack",
+            f"## task `{overview.task}`: every defense against every attack",
             "",
             "Final-round `acc_main / acc_backdoor`, mean over seeds.",
             "",
-            "| defense | " + " | ".join(f"`{attack}`" for attack in attacks) + " |",
-            "|:--|" + "--:|" * len(attacks),
+            "| defense | " + " | ".join(f"`{attack}`" for attack in overview.attacks) + " |",
+            "|:--|" + "--:|" * len(overview.attacks),
         ]
-        for defense in defenses:
-            row = []
-            for attack in attacks:
-                group = cells.get((defense, attack))
-                row.append(
-                    f"{group.stats('acc_main')[0]:.3f} / {group.stats('acc_backdoor')[0]:.3f}"
-                    if group
-                    else "-"
-                )
-            lines.append(f"| {defense} | " + " | ".join(row) + " |")
+        for row, defense in enumerate(overview.defenses):
+            cells = [
+                f"{main[row, column]:.3f} / {backdoor[row, column]:.3f}"
+                if (defense, attack) in overview.cells
+                else "-"
+                for column, attack in enumerate(overview.attacks)
+            ]
+            lines.append(f"| {defense} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -396,15 +424,23 @@ def file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
 
 
-def _plot(path: Path, metric: str, task: str, attack: str, groups: Sequence[_Group]) -> None:
-    """One line per defense (mean over seeds), a ± std band when more than one seed."""
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _curve_figure(metric: str, task: str, attack: str, groups: Sequence[_Group]) -> Figure:
+    """One line per defense (mean over seeds), a ± std band when more than one seed.
+
+    Past the palette's 20 colours, lines differ by dash pattern; the figure grows with the legend.
+    """
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(9 if len(groups) > 4 else 7, 4.5), dpi=120)
+    outside_legend = len(groups) > 4
+    height = max(4.5, 0.8 + 0.22 * len(groups)) if outside_legend else 4.5  # ~0.22 in a small-font entry
+    fig = Figure(figsize=(9 if outside_legend else 7, height), dpi=120)
     ax = fig.add_subplot()
-    palette = colormaps["tab20" if len(groups) > 10 else "tab10"].colors  # a distinct colour each
+    palette = colormaps["tab20" if len(groups) > 10 else "tab10"].colors
     for index, group in enumerate(groups):
         rounds, mean, std = group.curve(metric)
         seeds = len(group.runs)
@@ -415,6 +451,7 @@ def _plot(path: Path, metric: str, task: str, attack: str, groups: Sequence[_Gro
             marker="o" if len(rounds) <= 30 else None,
             markersize=3,
             color=palette[index % len(palette)],
+            linestyle=_LINESTYLES[(index // len(palette)) % len(_LINESTYLES)],
             linewidth=2.5 if highlighted else 1.2,
             alpha=1.0 if highlighted else 0.75,
             label=f"{group.defense} ({seeds} seed{'s' if seeds != 1 else ''})",
@@ -427,16 +464,57 @@ def _plot(path: Path, metric: str, task: str, attack: str, groups: Sequence[_Gro
     ax.set_ylim(0.0, 1.0)
     ax.set_title(f"{metric}: task {task}, attack {attack}")
     ax.grid(True, alpha=0.4)
-    if len(groups) > 4:
+    if outside_legend:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    return fig
+
+
+def _overview_figure(overview: _Overview) -> Figure:
+    """Two heat maps, defense per row and attack per column: final ``acc_backdoor`` (colours over
+    [0, 1]) and ``acc_main`` (colours over its own range, where the differences are a few points);
+    each cell labelled with its value (mean over seeds), ``-`` where not run."""
+    from matplotlib.figure import Figure
+
+    rows, columns = len(overview.defenses), len(overview.attacks)
+    fig = Figure(figsize=(3.2 + 1.6 * columns, 1.4 + 0.3 * rows), dpi=120)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, metric in zip(axes, ("acc_backdoor", "acc_main"), strict=True):
+        values = overview.final(metric)
+        if metric == "acc_backdoor":
+            colormap, low, high, title = "RdYlGn_r", 0.0, 1.0, "final acc_backdoor (lower is better)"
+        else:
+            colormap, title = "viridis", "final acc_main"
+            low, high = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0.0, 1.0)
+            low, high = (low, high) if high > low else (low - 0.01, high + 0.01)
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=colormap, vmin=low, vmax=high, aspect="auto")
+        for (row, column), value in np.ndenumerate(values):
+            shade = (value - low) / (high - low)  # dark ends of both colour maps take white text
+            dark = not np.isnan(value) and (shade < 0.5 if metric == "acc_main" else not 0.25 < shade < 0.75)
+            label = "-" if np.isnan(value) else f"{value:.2f}"
+            ax.text(
+                column,
+                row,
+                label,
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="white" if dark else "black",
+            )
+        ax.set_xticks(range(columns), overview.attacks)
+        ax.set_yticks(range(rows), overview.defenses)
+        ax.set_title(title, fontsize="medium")
+        fig.colorbar(image, ax=ax, fraction=0.08, pad=0.02)
+    fig.suptitle(f"task {overview.task}: every defense against every attack")
+    fig.tight_layout()
+    return fig
 
 
 def write_report(results_dir: Path, out_dir: Path | None = None, *, plots: bool = True) -> ReportFiles:
-    """Write ``report.md``, ``report.csv`` and (``plots``) ``<metric>__<task>__<attack>.png`` to ``out_dir``.
+    """Write ``report.md``, ``report.csv`` and (``plots``) ``<metric>__<task>__<attack>.png`` to ``out_dir``,
+    and ``overview__<task>.png`` for a task run under two or more attacks.
 
     ``out_dir`` defaults to ``results_dir`` and is created if needed. Incomplete or unreadable runs are
     skipped with a warning and listed in the report and in ``ReportFiles.skipped``.
@@ -459,6 +537,10 @@ def write_report(results_dir: Path, out_dir: Path | None = None, *, plots: bool 
         for (task, attack), groups in pairs.items():
             for metric in METRICS:
                 path = out_dir / f"{metric}__{file_safe(task)}__{file_safe(attack)}.png"
-                _plot(path, metric, task, attack, groups)
+                _curve_figure(metric, task, attack, groups).savefig(path, format="png")
                 plot_paths.append(path)
+        for overview in _overviews(pairs):
+            path = out_dir / f"overview__{file_safe(overview.task)}.png"
+            _overview_figure(overview).savefig(path, format="png")
+            plot_paths.append(path)
     return ReportFiles(markdown=markdown_path, csv=csv_path, plots=plot_paths, skipped=list(skipped))

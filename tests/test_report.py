@@ -127,6 +127,47 @@ def test_a_task_under_several_attacks_gets_a_defense_by_attack_overview(results:
     assert "task `fmnist`: every defense" not in text
 
 
+def test_the_overview_heat_map_labels_every_cell(results: Path) -> None:
+    from simulation.report import _group, _overview_figure, _overviews, load_runs
+
+    _write_run(results, "fedavg__pgd__seed0", _run_config("linear", "pgd", "fedavg", 0), _records(0.7, 0.6))
+    files = write_report(results)
+    assert results / "overview__linear.png" in files.plots
+    assert not (results / "overview__fmnist.png").exists()  # fmnist ran under one attack only
+    assert (results / "overview__linear.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    (overview,) = _overviews(_group(load_runs(results)[0]))
+    backdoor_panel, main_panel = _overview_figure(overview).axes[:2]
+    assert [t.get_text() for t in backdoor_panel.get_yticklabels()] == ["fedavg", "invariant"]
+    assert [t.get_text() for t in backdoor_panel.get_xticklabels()] == ["blackbox", "pgd"]
+    # cells row by row: fedavg (blackbox, pgd), invariant (blackbox, not run)
+    assert [t.get_text() for t in backdoor_panel.texts] == ["0.80", "0.60", "0.15", "-"]
+    assert [t.get_text() for t in main_panel.texts] == ["0.75", "0.70", "0.80", "-"]
+
+
+def test_curve_legend_fits_and_styles_differ_with_many_defenses(tmp_path: Path) -> None:
+    from simulation.report import _curve_figure, _group, load_runs
+
+    defenses = [f"defense-{index:02d}" for index in range(26)]  # more than tab20's colours
+    for defense in defenses:
+        _write_run(
+            tmp_path,
+            f"{defense}__blackbox__seed0",
+            _run_config("linear", "blackbox", defense, 0),
+            _records(0.5, 0.5),
+        )
+    (groups,) = _group(load_runs(tmp_path)[0]).values()
+    fig = _curve_figure("acc_backdoor", "linear", "blackbox", groups)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    assert len(legend.get_texts()) == 26
+    box = legend.get_window_extent()
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+    styles = {(line.get_color(), line.get_linestyle()) for line in ax.get_lines()}
+    assert len(styles) == 26
+
+
 def test_second_pair_has_own_section_and_order(results: Path) -> None:
     files = write_report(results)
     text = files.markdown.read_text(encoding="utf-8")
