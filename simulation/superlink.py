@@ -26,18 +26,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
     "CONNECTION",
     "LocalSuperLink",
+    "alive",
     "config_arg",
-    "end_session",
+    "end_sessions",
     "executable",
     "exit_on_sigterm",
     "free_port",
+    "process_tree",
+    "sessions_of",
     "toml_value",
 ]
 
@@ -88,21 +91,86 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, unwind)
 
 
-def end_session(session: int, timeout: float = 30.0) -> None:
-    """SIGTERM every process left in process group ``session``; SIGKILL what remains after ``timeout`` s."""
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, session id) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name in brackets may hold spaces
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (from /proc)."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _live_processes() -> dict[int, tuple[str, int, int]]:
+    """``{pid: (state, parent pid, session id)}`` of every live (not zombie) process; empty without /proc."""
+    stats = {}
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) and stat[0] != "Z":
+                stats[int(entry.name)] = stat
+    return stats
+
+
+def process_tree(roots: Iterable[int]) -> set[int]:
+    """``roots`` and their live descendants, plus every live process in the sessions of any of them.
+
+    Flower starts some children in new sessions (the SuperLink's SuperExec, which starts
+    ``flwr-simulation``), and their children may outlive them; the session ids catch those
+    orphans. Reads /proc: on a system without it, the empty set.
+    """
+    stats = _live_processes()
+    tree = {pid for pid in roots if pid in stats}
+    while True:
+        grown = {pid for pid, (_, ppid, sid) in stats.items() if ppid in tree or sid in tree} - tree
+        if not grown:
+            return tree
+        tree |= grown
+
+
+def sessions_of(pids: Iterable[int]) -> set[int]:
+    """The session ids of those of ``pids`` that are alive (from /proc)."""
+    return {stat[2] for pid in pids if (stat := _proc_stat(pid))}
+
+
+def end_sessions(sessions: Iterable[int], timeout: float = 30.0) -> None:
+    """SIGTERM every process in the given sessions; SIGKILL what remains after ``timeout`` s.
+
+    Without /proc, the process group of each session's leader (its id) instead.
+    """
+    sessions = set(sessions) - {os.getsid(0)}  # never this process's own session
+
+    def members() -> set[int]:
+        stats = _live_processes()
+        if not stats:
+            return {-session for session in sessions if _group_alive(session)}  # os.kill(-g): the group
+        return {pid for pid, (_, _, sid) in stats.items() if sid in sessions}
+
     deadline = time.monotonic() + timeout
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(session, sig)
-        except ProcessLookupError:
-            return
-        while time.monotonic() < deadline:
+        for pid in members():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        while members():
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.2)
-            try:
-                os.killpg(session, 0)
-            except ProcessLookupError:
-                return
+        else:
+            return
         deadline = time.monotonic() + 10.0
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 class LocalSuperLink:
@@ -250,12 +318,14 @@ class LocalSuperLink:
     def close(self, timeout: float = 30.0) -> None:
         """SIGTERM the SuperLink (it stops its SuperExec); SIGKILL its session after ``timeout``.
 
-        Then whatever is left in its session (a ``flwr-simulation`` still training and its Ray,
-        seen after a grid was killed mid-run) gets SIGTERM, and SIGKILL after ``timeout``.
+        Then whatever is left in the sessions of the SuperLink and its descendants gets SIGTERM,
+        and SIGKILL after ``timeout``: the SuperExec runs ``flwr-simulation`` in a session of its
+        own, and after a grid was killed mid-run that process and its Ray went on training.
         """
         process, self.process = self.process, None
         if process is None:
             return
+        sessions = {process.pid} | sessions_of(process_tree([process.pid]))
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -264,4 +334,4 @@ class LocalSuperLink:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
-        end_session(process.pid, timeout)
+        end_sessions(sessions, timeout)

@@ -411,19 +411,44 @@ def test_compare_prints_progress_and_the_table_without_warnings(tmp_path):
         assert unwanted not in output, unwanted
 
 
-def test_closing_the_superlink_ends_what_it_left_behind_in_its_session(tmp_path) -> None:
-    from simulation.superlink import LocalSuperLink
+# Stand-ins for flower-superlink, which starts flower-superexec in a session of its own, which
+# starts flwr-simulation in its session and exits when its parent does: after a grid was killed
+# mid-run, flwr-simulation and its Ray went on training.
+_SUPEREXEC = """
+import os, subprocess, time
+parent = os.getppid()
+subprocess.Popen(["sleep", "600"])  # flwr-simulation
+while os.getppid() == parent:
+    time.sleep(0.1)
+"""
+_SUPERLINK = f"""
+import signal, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", {_SUPEREXEC!r}], start_new_session=True)
+subprocess.Popen(["sleep", "600"])  # a child left in the SuperLink's own session
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_closing_the_superlink_ends_what_it_left_in_its_children_s_sessions(tmp_path) -> None:
+    from simulation.superlink import LocalSuperLink, sessions_of
 
     link = LocalSuperLink(tmp_path)
-    # Stands in for flower-superlink: exits on SIGTERM but leaves a child running, as the real one
-    # left flwr-simulation and its Ray training after a grid was killed mid-run.
-    script = "sleep 600 & trap 'exit 0' TERM; while true; do sleep 0.1; done"
-    link.process = subprocess.Popen(["bash", "-c", script], start_new_session=True)  # noqa: S603, S607
+    link.process = subprocess.Popen([sys.executable, "-c", _SUPERLINK], start_new_session=True)  # noqa: S603
     group = link.process.pid
+    started: set[int] = set()
+
+    def whole_tree() -> set[int] | None:
+        tree = process_tree([group])
+        return tree if len(tree) == 4 else None
+
     try:
-        started = wait_for(lambda: process_tree([group]) - {group}, timeout=10, what="the stand-in's child")
+        started = wait_for(whole_tree, timeout=10, what="the stand-ins' children")
+        assert len(sessions_of(started)) == 2  # the SuperLink's and the SuperExec's
         link.close(timeout=5)
-        assert not alive(group) and [pid for pid in started if alive(pid)] == []
+        assert [pid for pid in started if alive(pid)] == []
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulation.superlink import config_arg, free_port
+from simulation.superlink import alive, config_arg, free_port, process_tree
 
 from .pki import NodeKeys, TlsFiles
 
@@ -33,6 +33,7 @@ __all__ = [
     "REPO",
     "Deployment",
     "Process",
+    "alive",
     "free_port",
     "make_app_dir",
     "process_tree",
@@ -64,40 +65,6 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, parent pid, session id) of ``pid`` from /proc, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[3])
-
-
-def process_tree(roots: Iterable[int]) -> set[int]:
-    """``roots`` and their live descendants, plus every live process in the sessions of any of them.
-
-    Flower starts some children in new sessions (SuperLink's SuperExec) and their
-    children may outlive them; the session ids catch those orphans.
-    """
-    stats = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) and stat[0] != "Z":
-            stats[int(entry.name)] = stat
-    tree = {pid for pid in roots if pid in stats}
-    while True:
-        grown = {pid for pid, (_, ppid, sid) in stats.items() if ppid in tree or sid in tree} - tree
-        if not grown:
-            return tree
-        tree |= grown
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] != "Z"
 
 
 @dataclass
