@@ -9,12 +9,13 @@ random draw and added in rounds k, 2k, ...
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -103,6 +104,19 @@ class SeededSampling:
         nodes = self.sampler.nodes(server_round)
         log(INFO, "round %s: partitions %s", server_round, self.sampler.history[server_round])
         return super().configure_train(server_round, arrays, config, _FixedNodesGrid(grid, nodes))  # type: ignore[misc]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate like the wrapped strategy, with the replies in partition order.
+
+        Replies arrive in whatever order the clients finish, and float sums (FedAvg's
+        weighted mean, the averaged train metrics) change in the last bits with the
+        order; sorting makes a run, and a resumed run, repeat bit for bit.
+        """
+        partition_of = {node: partition for partition, node in self.sampler.node_of.items()}
+        ordered = sorted(replies, key=lambda msg: partition_of.get(msg.metadata.src_node_id, math.inf))
+        return super().aggregate_train(server_round, ordered)  # type: ignore[misc]
 
 
 def make_strategy(config: Mapping[str, Any], sampler: RoundSampler) -> FedAvg:

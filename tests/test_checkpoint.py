@@ -474,11 +474,7 @@ def test_resumed_run_has_the_metrics_of_an_uninterrupted_one(killed_and_resumed,
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
     resumed, reference = numbers(read_rows(run_dir)), numbers(read_rows(reference_dir))
-    for key in ("acc_main", "acc_backdoor", "loss"):  # the model after every round: bit for bit
-        assert [r[key] for r in resumed] == [r[key] for r in reference], key
-    for row, expected in zip(resumed, reference, strict=True):
-        # client metrics are averaged in reply-arrival order: equal up to the last bit
-        assert row == pytest.approx(expected, rel=1e-9)
+    assert resumed == reference  # bit for bit, the client metrics too: replies are summed by partition
 
 
 def test_corrupt_or_foreign_checkpoints_stop_the_grid_before_training(

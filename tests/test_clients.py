@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 
 from baselines import DEFENSES
@@ -17,6 +19,7 @@ from simulation.partition import attacker_partitions
 from simulation.sampling import RoundSampler, make_strategy
 from simulation.training import make_evaluate_fn, model_for
 
+from .helpers import NodeList
 from .simulate import run_experiments
 
 LINEAR = {
@@ -114,6 +117,34 @@ def test_round_sampler_is_seeded_and_schedules_attackers() -> None:
         chosen = sampler.partitions(server_round)
         assert len(chosen) == 5 and (attacker in chosen) == (server_round % 3 == 0)
         assert sampler.num_attackers(server_round) == int(server_round % 3 == 0)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_sampled_strategies_aggregate_in_partition_order_whatever_the_arrival_order() -> None:
+    """Float sums change with their order: replies are summed by partition, so runs repeat bit for bit."""
+    config = resolve_config({**LINEAR, "defense": "fedavg"})
+    node_of = {p: 900 - 7 * p for p in range(5)}  # node ids in the opposite order to partition ids
+    strategy = make_strategy(config, RoundSampler(node_of, config))
+    start = ArrayRecord({"w": Array(np.zeros(16, np.float32))})
+    messages = strategy.configure_train(1, start, ConfigRecord({}), NodeList(node_of.values()))
+    rng = np.random.default_rng(0)
+    replies = []
+    for i, message in enumerate(messages):
+        update = (rng.normal(size=16) * 10.0 ** rng.integers(-4, 5, size=16)).astype(np.float32)
+        metrics = MetricRecord({"num-examples": 3 + i, "train_loss": float(rng.random())})
+        replies.append(
+            Message(
+                RecordDict({"arrays": ArrayRecord({"w": Array(update)}), "metrics": metrics}),
+                reply_to=message,
+            )
+        )
+
+    def outcome(order):
+        arrays, metrics = strategy.aggregate_train(1, order)
+        return arrays["w"].numpy().tobytes(), tuple(sorted(dict(metrics).items()))
+
+    assert len(replies) == 3
+    assert len({outcome(order) for order in itertools.permutations(replies)}) == 1
 
 
 def test_strategy_registry() -> None:
