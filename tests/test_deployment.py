@@ -134,7 +134,8 @@ def assert_clean_shutdown(deployment: Deployment, skip: tuple[str, ...] = ()) ->
         )
         assert marker in log, f"{process.name} did not shut down gracefully\n{process.tail()}"
         assert not crash_lines(log), process.tail(80)
-    assert not deployment.leftovers(), f"processes left running: {deployment.leftovers()}"
+    left = deployment.leftovers()
+    assert not left, f"processes left running: {left}"
 
 
 def test_invariant_run_over_a_real_superlink(deployment_factory, tmp_path: Path) -> None:

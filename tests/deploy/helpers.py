@@ -329,8 +329,11 @@ class Deployment:
                     codes[process.name] = None
         return codes
 
-    def leftovers(self, timeout: float = 15.0) -> set[int]:
-        """Descendants of the started processes still alive ``timeout`` s after they ended (ideally none)."""
+    def leftovers(self, timeout: float = 60.0) -> set[int]:
+        """Descendants of the started processes still alive ``timeout`` s after they ended (ideally none).
+
+        Returns as soon as none is left; the long timeout is for busy cores, where a child
+        of a stopped SuperLink took over 15 s to exit (a nice-19 simulation running beside)."""
         pids = set().union(*(p.descendants for p in self.processes)) if self.processes else set()
         with contextlib.suppress(TimeoutError):
             wait_for(lambda: not any(alive(pid) for pid in pids), timeout, "child processes to exit")
