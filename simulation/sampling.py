@@ -30,14 +30,15 @@ __all__ = ["RoundSampler", "SeededSampling", "make_strategy"]
 class RoundSampler:
     """Chooses each round's node ids from partition ids, reproducibly from ``seed``.
 
-    ``node_of``: partition id -> node id. ``pool`` schedule: ``clients-per-round``
-    partitions uniformly without replacement (malicious ones like everyone
+    ``node_of``: partition id -> node id (``partition_of``: the reverse). ``pool``
+    schedule: ``clients-per-round`` partitions uniformly without replacement (malicious ones like everyone
     else). ``every-k``: the attacker only in rounds divisible by ``attack-every``.
     ``stream`` is mixed into the seed: another stream draws other clients.
     """
 
     def __init__(self, node_of: Mapping[int, int], config: Mapping[str, Any], stream: int = 0x5A) -> None:
         self.node_of = dict(node_of)
+        self.partition_of = {node: partition for partition, node in self.node_of.items()}
         self.config = config
         self.stream = stream
         self.attackers = set(malicious_pool(config))
@@ -114,7 +115,7 @@ class SeededSampling:
         weighted mean, the averaged train metrics) change in the last bits with the
         order; sorting makes a run, and a resumed run, repeat bit for bit.
         """
-        partition_of = {node: partition for partition, node in self.sampler.node_of.items()}
+        partition_of = self.sampler.partition_of
         ordered = sorted(replies, key=lambda msg: partition_of.get(msg.metadata.src_node_id, math.inf))
         return super().aggregate_train(server_round, ordered)  # type: ignore[misc]
 

@@ -354,13 +354,11 @@ def _run_experiment(
             on_round({"round": server_round, **dict(metrics), "seconds": history.seconds[server_round]})
         return metrics
 
-    partition_of = {node: pid for pid, node in node_of.items()}
-
     def save(server_round: int, arrays: ArrayRecord) -> None:
         last = server_round == config["num-server-rounds"]
         if directory is None or (server_round % config["checkpoint-every"] and not last):
             return
-        state_arrays, state_meta = strategy_state(strategy, partition_of)
+        state_arrays, state_meta = strategy_state(strategy, sampler.partition_of)
         checkpoint = Checkpoint(
             server_round=server_round,
             model=_numpy(arrays),
