@@ -28,7 +28,13 @@ The other rules change how votes count; each returns, per layer, a step scale in
   vectors. An attacker that sends honest-looking values on most coordinates
   (``bloc-evasion``) dilutes its agreement with its colluders in the whole vectors; to carry a
   backdoor past the trimmed mean, though, several of them must push the same coordinates the
-  same way, and those shared pushes are their largest departures.
+  same way, and those shared pushes are their largest departures;
+- ``"busy-bloc-exclusion"``: ``"bloc-exclusion"``, and then a coordinate moves only where the
+  remaining clients move it at least as much as they move the layer's typical coordinate (its
+  median ``|g_i|`` over clients is at least the layer's median of those; :func:`busy_coordinates`).
+  Neurotoxin writes its backdoor where benign clients move least, because nothing there
+  overwrites it; this takes that half of every layer away, at little cost to the main task,
+  whose steps there are small.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
@@ -49,15 +55,22 @@ __all__ = [
     "MASK_RULES",
     "MEMORY_DECAY",
     "MaskRule",
+    "PAPER_STEP_RULES",
+    "busy_coordinates",
     "collusion_weights",
     "departure_agreement",
     "sign_agreement",
     "weighted_consistency",
 ]
 
-MASK_RULES = ("paper", "soft-margin", "collusion", "memory", "bloc-exclusion", "departure-exclusion")
-#: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) and then run the paper's step.
-CLIENT_SELECTING_RULES = ("bloc-exclusion", "departure-exclusion")
+MASK_RULES = (
+    "paper", "soft-margin", "collusion", "memory",
+    "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion",
+)  # fmt: skip
+#: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) before the step.
+CLIENT_SELECTING_RULES = ("bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion")
+#: Rules whose step is the paper's (on the clients they pick), so the fast engines compute it.
+PAPER_STEP_RULES = ("paper", "bloc-exclusion", "departure-exclusion")
 COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agreement
 MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
 DEPARTURE_SHARE = 0.1  # of each layer's coordinates: a client's largest departures from the median
@@ -150,6 +163,16 @@ def collusion_weights(
     return 1.0 / (1.0 + outlying.sum(axis=1))
 
 
+def busy_coordinates(stacked: np.ndarray) -> np.ndarray:
+    """Bool of ``stacked.shape[1:]``: True where ``median_i |x_i|`` is at least its median over the layer.
+
+    ``stacked``: ``(N, *layer_shape)``. The coordinates the clients move most keep their step;
+    ties at the layer's median are kept, so at least half the coordinates are.
+    """
+    moved = np.median(np.abs(np.asarray(stacked, dtype=np.float64)), axis=0)
+    return moved >= np.median(moved)
+
+
 def weighted_consistency(stacked: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``|sum_i w_i sign(x_i)| / sum_i w_i`` per coordinate, float64 of ``stacked.shape[1:]``."""
     signs = np.sign(np.asarray(stacked)).astype(np.float64)
@@ -196,8 +219,8 @@ class MaskRule:
     def scales(self, layers: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
         """Per layer, the step scale (float64, ``layer_shape``) of the stacked pseudo-gradients.
 
-        ``layers``: each ``(N, *layer_shape)``, the same N clients. Also returns metrics
-        (``min_vote_weight`` for ``"collusion"``).
+        ``layers``: each ``(N, *layer_shape)``, the same N clients (for ``"busy-bloc-exclusion"``,
+        those :meth:`outside_blocs` kept). Also returns metrics (``min_vote_weight`` for ``"collusion"``).
         """
         if self.name == "paper":
             return [and_mask(layer, self.tau).astype(np.float64) for layer in layers], {}
@@ -209,8 +232,11 @@ class MaskRule:
                 margin = sign_votes(layer) - (needed - 1)  # 1 at the threshold, N - k + 1 when unanimous
                 result.append(np.clip(margin / (num_clients - needed + 1), 0.0, 1.0))
             return result, {}
-        if self.name in CLIENT_SELECTING_RULES:
-            raise ValueError(f"mask_rule {self.name!r} selects clients (outside_blocs), not coordinates")
+        if self.name == "busy-bloc-exclusion":
+            kept = [and_mask(layer, self.tau) & busy_coordinates(layer) for layer in layers]
+            return [mask.astype(np.float64) for mask in kept], {}
+        if self.name in PAPER_STEP_RULES:
+            raise ValueError(f"mask_rule {self.name!r} runs the paper's step (an engine), not scales")
         if self.name == "collusion":
             weights = collusion_weights(*sign_agreement(layers))
             scales = [
@@ -223,10 +249,9 @@ class MaskRule:
         """``(N,)`` bool: the clients with no unusually similar partner (:func:`collusion_weights` = 1).
 
         ``layers``: each ``(N, *layer_shape)``, the same N clients' pseudo-gradients. Similarity is
-        :func:`sign_agreement` for ``"bloc-exclusion"``, :func:`departure_agreement` for
-        ``"departure-exclusion"``. Also returns ``num_bloc_excluded``. When fewer than 2 clients
-        would remain, every client is kept (a round needs a spread of values; the metric still
-        counts the flagged ones).
+        :func:`departure_agreement` for ``"departure-exclusion"``, else :func:`sign_agreement`. Also
+        returns ``num_bloc_excluded``. When fewer than 2 clients would remain, every client is kept
+        (a round needs a spread of values; the metric still counts the flagged ones).
         """
         similarity = departure_agreement if self.name == "departure-exclusion" else sign_agreement
         weights = collusion_weights(*similarity(layers))

@@ -76,7 +76,7 @@ def test_registry_names_every_defense_of_the_issue():
         "fedavg", "invariant", "krum", "multi-krum", "multi-krum-cosine", "trimmed-mean", "median",
         "krum-trimmed-mean", "sign-sgd", "weak-dp", "foolsgold", "rfa", "sparsefed", "flame", "flain",
         "robust-lr", "invariant-collusion", "invariant-soft-margin", "invariant-memory",
-        "invariant-bloc-exclusion", "invariant-departure-exclusion",
+        "invariant-bloc-exclusion", "invariant-departure-exclusion", "invariant-busy-bloc-exclusion",
         "fltrust", "deepsight", "alignins", "crfl", "multi-metrics",
     }  # fmt: skip
     _, collusion = baselines.DEFENSES["invariant-collusion"]({"tau": 0.7})

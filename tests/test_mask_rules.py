@@ -6,10 +6,11 @@ import torch
 
 import flwr_invariant.serverapp
 import flwr_invariant.strategy
-from flwr_invariant.aggregate import invariant_update
+from flwr_invariant.aggregate import and_mask, invariant_update
 from flwr_invariant.mask_rules import (
     MASK_RULES,
     MaskRule,
+    busy_coordinates,
     collusion_weights,
     departure_agreement,
     sign_agreement,
@@ -227,6 +228,33 @@ def test_bloc_exclusion_runs_the_paper_on_the_clients_outside_the_bloc() -> None
     assert metrics["num_bloc_excluded"] == 0
 
 
+def test_busy_coordinates_by_hand() -> None:
+    # median |x| per coordinate: 2, 1, 0.5, 3 (the middle of three); their median is 1.5
+    stacked = np.array([[2.0, -1.0, 0.5, 3.0], [-9.0, 1.0, -0.5, -4.0], [1.0, 0.0, 7.0, 3.0]])
+    assert busy_coordinates(stacked).tolist() == [True, False, False, True]
+    assert busy_coordinates(np.ones((5, 2, 3))).all()  # ties at the median are kept
+
+
+def test_busy_bloc_exclusion_steps_only_where_the_clients_outside_the_bloc_move_most() -> None:
+    rng = np.random.default_rng(8)
+    global_weights = [np.zeros((30, 40), dtype=np.float32)]
+    # honest clients lean the same way everywhere, a hundred times less on the right half
+    scale = np.where(np.arange(40) < 20, 1.0, 0.01).astype(np.float32)
+    honest = [[-scale * (1.0 + rng.standard_normal((30, 40)).astype(np.float32))] for _ in range(16)]
+    shared = rng.standard_normal((30, 40)).astype(np.float32)
+    bloc = [[-(shared + 0.1 * rng.standard_normal((30, 40)).astype(np.float32))] for _ in range(4)]
+
+    config = InvariantConfig(tau=0.3, mask_rule="busy-bloc-exclusion")
+    new, metrics = config.aggregate(global_weights, honest + bloc)
+    paper, _ = invariant_update(global_weights, honest, tau=0.3, trim_ratio=0.45)
+    paper_mask = and_mask(np.stack([-update[0] for update in honest]), 0.3)
+    assert metrics["num_bloc_excluded"] == 4
+    assert metrics["mask_fraction"] == paper_mask[:, :20].sum() / paper_mask.size
+    np.testing.assert_array_equal(new[0][:, :20], paper[0][:, :20])  # the busy half: the paper's step
+    assert (paper[0][:, 20:] != 0).mean() > 0.5  # the paper moves most of the quiet half,
+    assert (new[0][:, 20:] == 0).all()  # this rule none of it
+
+
 def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
     rule = MaskRule("bloc-exclusion", 0.6)
     a, b = np.sign(np.random.default_rng(2).normal(size=(2, 64)))
@@ -235,7 +263,7 @@ def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> Non
     assert outside.tolist() == [True] * 4 and metrics["num_bloc_excluded"] == 4
     outside, metrics = rule.outside_blocs([np.vstack([twins, [-a]])])
     assert outside.tolist() == [True] * 5 and metrics["num_bloc_excluded"] == 4  # one would remain
-    with pytest.raises(ValueError, match="selects clients"):
+    with pytest.raises(ValueError, match="runs the paper's step"):
         rule.scales([twins])
 
 
@@ -258,7 +286,7 @@ def test_strategies_take_and_validate_mask_rule(cls) -> None:
         ValueError,
         match=(
             "mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion, "
-            "departure-exclusion; got 'x'"
+            "departure-exclusion, busy-bloc-exclusion; got 'x'"
         ),
     ):
         cls(mask_rule="x")
