@@ -14,8 +14,9 @@ process's resident set during a timed call (which also sees torch's allocations)
 
 The numpy engine runs with its compiled step where numba (the ``fast`` extra) is installed,
 and again without it ("numpy only"). ``tau=0`` keeps every coordinate: the slowest case for
-invariant aggregation. The two client-selecting mask rules (``bloc-exclusion``,
-``departure-exclusion``) add their pairwise test. A strategy whose memory would not fit is skipped.
+invariant aggregation. The client-selecting mask rules (``bloc-exclusion``,
+``departure-exclusion``, ``busy-bloc-exclusion``) add their pairwise test (and the last its
+gate on quiet coordinates). A strategy whose memory would not fit is skipped.
 
     python benchmarks/aggregation.py [--clients 20,50,100,200] [--repeats 3] [--only numpy,FedAvg]
 """
@@ -106,6 +107,9 @@ def strategies(only: str = "") -> dict:
         f"InvariantAggregation ({numpy}, bloc-exclusion)": InvariantAggregation(mask_rule="bloc-exclusion"),
         f"InvariantAggregation ({numpy}, departure-exclusion)": InvariantAggregation(
             mask_rule="departure-exclusion"
+        ),
+        f"InvariantAggregation ({numpy}, busy-bloc-exclusion)": InvariantAggregation(
+            mask_rule="busy-bloc-exclusion"
         ),
         "InvariantAggregation (numpy only)": NumpyOnly(InvariantAggregation()),
         f"InvariantAggregation (torch, {device})": InvariantAggregation(backend="torch"),

@@ -34,7 +34,9 @@ The other rules change how votes count; each returns, per layer, a step scale in
   median ``|g_i|`` over clients is at least the layer's median of those; :func:`busy_coordinates`).
   Neurotoxin writes its backdoor where benign clients move least, because nothing there
   overwrites it; this takes that half of every layer away, at little cost to the main task,
-  whose steps there are small.
+  whose steps there are small. The held coordinates are set to the global weights before the
+  paper's step (:func:`hold_quiet_coordinates`), so they fail the mask (at ``tau = 0`` they pass
+  it with a step of 0, and ``mask_fraction`` counts them).
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
@@ -58,6 +60,7 @@ __all__ = [
     "PAPER_STEP_RULES",
     "busy_coordinates",
     "collusion_weights",
+    "hold_quiet_coordinates",
     "departure_agreement",
     "sign_agreement",
     "weighted_consistency",
@@ -69,8 +72,8 @@ MASK_RULES = (
 )  # fmt: skip
 #: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) before the step.
 CLIENT_SELECTING_RULES = ("bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion")
-#: Rules whose step is the paper's (on the clients they pick), so the fast engines compute it.
-PAPER_STEP_RULES = ("paper", "bloc-exclusion", "departure-exclusion")
+#: Rules whose step is the paper's (on the clients and coordinates they pick): the fast engines compute it.
+PAPER_STEP_RULES = ("paper", "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion")
 COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agreement
 MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
 DEPARTURE_SHARE = 0.1  # of each layer's coordinates: a client's largest departures from the median
@@ -169,8 +172,35 @@ def busy_coordinates(stacked: np.ndarray) -> np.ndarray:
     ``stacked``: ``(N, *layer_shape)``. The coordinates the clients move most keep their step;
     ties at the layer's median are kept, so at least half the coordinates are.
     """
-    moved = np.median(np.abs(np.asarray(stacked, dtype=np.float64)), axis=0)
-    return moved >= np.median(moved)
+    stacked = np.asarray(stacked)
+    num_clients = stacked.shape[0]
+    flat = stacked.reshape(num_clients, -1)
+    # Each coordinate's N values side by side, sorted: numpy's SIMD sort of short contiguous rows
+    # is about 8x faster than np.median's partition along axis 0 (20 x 2.4 M float32).
+    moved = np.empty(flat.shape[::-1], dtype=stacked.dtype)
+    np.abs(flat.T, out=moved)
+    moved.sort(axis=1)
+    medians = (moved[:, (num_clients - 1) // 2].astype(np.float64) + moved[:, num_clients // 2]) / 2
+    return (medians >= np.median(medians)).reshape(stacked.shape[1:])
+
+
+def hold_quiet_coordinates(
+    global_weights: Sequence[np.ndarray],
+    updates: Sequence[Sequence[np.ndarray]],
+    stacks: Iterable[tuple[int, np.ndarray]],
+) -> list[list[np.ndarray]]:
+    """The clients' weights with every coordinate outside :func:`busy_coordinates` set to the global weight.
+
+    ``updates[i][l]``: client i's returned array of layer l; ``stacks``: ``(l, (N, *shape))``
+    pseudo-gradients of the layers to gate. A held coordinate has no votes and a trimmed mean
+    of 0, so the paper's step (any engine) leaves it where it is. Other layers are passed through.
+    """
+    held = [list(update) for update in updates]
+    for index, stacked in stacks:
+        busy, w = busy_coordinates(stacked), global_weights[index]
+        for client in held:
+            client[index] = np.where(busy, np.asarray(client[index], dtype=w.dtype), w)
+    return held
 
 
 def weighted_consistency(stacked: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -219,8 +249,8 @@ class MaskRule:
     def scales(self, layers: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
         """Per layer, the step scale (float64, ``layer_shape``) of the stacked pseudo-gradients.
 
-        ``layers``: each ``(N, *layer_shape)``, the same N clients (for ``"busy-bloc-exclusion"``,
-        those :meth:`outside_blocs` kept). Also returns metrics (``min_vote_weight`` for ``"collusion"``).
+        ``layers``: each ``(N, *layer_shape)``, the same N clients. Also returns metrics
+        (``min_vote_weight`` for ``"collusion"``).
         """
         if self.name == "paper":
             return [and_mask(layer, self.tau).astype(np.float64) for layer in layers], {}
@@ -232,9 +262,6 @@ class MaskRule:
                 margin = sign_votes(layer) - (needed - 1)  # 1 at the threshold, N - k + 1 when unanimous
                 result.append(np.clip(margin / (num_clients - needed + 1), 0.0, 1.0))
             return result, {}
-        if self.name == "busy-bloc-exclusion":
-            kept = [and_mask(layer, self.tau) & busy_coordinates(layer) for layer in layers]
-            return [mask.astype(np.float64) for mask in kept], {}
         if self.name in PAPER_STEP_RULES:
             raise ValueError(f"mask_rule {self.name!r} runs the paper's step (an engine), not scales")
         if self.name == "collusion":

@@ -237,12 +237,17 @@ def test_busy_coordinates_by_hand() -> None:
 
 def test_busy_bloc_exclusion_steps_only_where_the_clients_outside_the_bloc_move_most() -> None:
     rng = np.random.default_rng(8)
-    global_weights = [np.zeros((30, 40), dtype=np.float32)]
+    global_weights = [np.zeros((30, 40), dtype=np.float32), np.arange(4)]  # the integer layer: a median
     # honest clients lean the same way everywhere, a hundred times less on the right half
     scale = np.where(np.arange(40) < 20, 1.0, 0.01).astype(np.float32)
-    honest = [[-scale * (1.0 + rng.standard_normal((30, 40)).astype(np.float32))] for _ in range(16)]
+    honest = [
+        [-scale * (1.0 + rng.standard_normal((30, 40)).astype(np.float32)), np.arange(4) + k % 3]
+        for k in range(16)
+    ]
     shared = rng.standard_normal((30, 40)).astype(np.float32)
-    bloc = [[-(shared + 0.1 * rng.standard_normal((30, 40)).astype(np.float32))] for _ in range(4)]
+    bloc = [
+        [-(shared + 0.1 * rng.standard_normal((30, 40)).astype(np.float32)), np.full(4, 99)] for _ in range(4)
+    ]
 
     config = InvariantConfig(tau=0.3, mask_rule="busy-bloc-exclusion")
     new, metrics = config.aggregate(global_weights, honest + bloc)
@@ -253,6 +258,7 @@ def test_busy_bloc_exclusion_steps_only_where_the_clients_outside_the_bloc_move_
     np.testing.assert_array_equal(new[0][:, :20], paper[0][:, :20])  # the busy half: the paper's step
     assert (paper[0][:, 20:] != 0).mean() > 0.5  # the paper moves most of the quiet half,
     assert (new[0][:, 20:] == 0).all()  # this rule none of it
+    np.testing.assert_array_equal(new[1], paper[1])  # the median of the honest clients' integers
 
 
 def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
