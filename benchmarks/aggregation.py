@@ -15,8 +15,8 @@ process's resident set during a timed call (which also sees torch's allocations)
 The numpy engine runs with its compiled step where numba (the ``fast`` extra) is installed,
 and again without it ("numpy only"). ``tau=0`` keeps every coordinate: the slowest case for
 invariant aggregation. The client-selecting mask rules (``bloc-exclusion``,
-``departure-exclusion``, ``busy-bloc-exclusion``) add their pairwise test (and the last its
-gate on quiet coordinates). A strategy whose memory would not fit is skipped.
+``departure-exclusion`` and their ``busy-`` forms) add their pairwise test (the ``busy-`` forms
+also their gate on quiet coordinates). A strategy whose memory would not fit is skipped.
 
     python benchmarks/aggregation.py [--clients 20,50,100,200] [--repeats 3] [--only numpy,FedAvg]
 """
@@ -110,6 +110,9 @@ def strategies(only: str = "") -> dict:
         ),
         f"InvariantAggregation ({numpy}, busy-bloc-exclusion)": InvariantAggregation(
             mask_rule="busy-bloc-exclusion"
+        ),
+        f"InvariantAggregation ({numpy}, busy-departure-exclusion)": InvariantAggregation(
+            mask_rule="busy-departure-exclusion"
         ),
         "InvariantAggregation (numpy only)": NumpyOnly(InvariantAggregation()),
         f"InvariantAggregation (torch, {device})": InvariantAggregation(backend="torch"),

@@ -29,9 +29,10 @@ The other rules change how votes count; each returns, per layer, a step scale in
   (``bloc-evasion``) dilutes its agreement with its colluders in the whole vectors; to carry a
   backdoor past the trimmed mean, though, several of them must push the same coordinates the
   same way, and those shared pushes are their largest departures;
-- ``"busy-bloc-exclusion"``: ``"bloc-exclusion"``, and then a coordinate moves only where the
-  remaining clients move it at least as much as they move the layer's typical coordinate (its
-  median ``|g_i|`` over clients is at least the layer's median of those; :func:`busy_coordinates`).
+- ``"busy-bloc-exclusion"``, ``"busy-departure-exclusion"``: that exclusion, and then a coordinate
+  moves only where the remaining clients move it at least as much as they move the layer's typical
+  coordinate (its median ``|g_i|`` over clients is at least the layer's median of those;
+  :func:`busy_coordinates`).
   Neurotoxin writes its backdoor where benign clients move least, because nothing there
   overwrites it; this takes that half of every layer away, at little cost to the main task,
   whose steps there are small. The held coordinates are set to the global weights before the
@@ -58,6 +59,7 @@ __all__ = [
     "MEMORY_DECAY",
     "MaskRule",
     "PAPER_STEP_RULES",
+    "QUIET_HOLDING_RULES",
     "busy_coordinates",
     "collusion_weights",
     "hold_quiet_coordinates",
@@ -68,12 +70,16 @@ __all__ = [
 
 MASK_RULES = (
     "paper", "soft-margin", "collusion", "memory",
-    "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion",
+    "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
 )  # fmt: skip
 #: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) before the step.
-CLIENT_SELECTING_RULES = ("bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion")
+CLIENT_SELECTING_RULES = (
+    "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion"
+)  # fmt: skip
+#: Rules that then hold the quiet coordinates (:func:`hold_quiet_coordinates`).
+QUIET_HOLDING_RULES = ("busy-bloc-exclusion", "busy-departure-exclusion")
 #: Rules whose step is the paper's (on the clients and coordinates they pick): the fast engines compute it.
-PAPER_STEP_RULES = ("paper", "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion")
+PAPER_STEP_RULES = ("paper", *CLIENT_SELECTING_RULES)
 COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agreement
 MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
 DEPARTURE_SHARE = 0.1  # of each layer's coordinates: a client's largest departures from the median
@@ -276,11 +282,12 @@ class MaskRule:
         """``(N,)`` bool: the clients with no unusually similar partner (:func:`collusion_weights` = 1).
 
         ``layers``: each ``(N, *layer_shape)``, the same N clients' pseudo-gradients. Similarity is
-        :func:`departure_agreement` for ``"departure-exclusion"``, else :func:`sign_agreement`. Also
-        returns ``num_bloc_excluded``. When fewer than 2 clients would remain, every client is kept
-        (a round needs a spread of values; the metric still counts the flagged ones).
+        :func:`departure_agreement` for the two ``departure-exclusion`` rules, else
+        :func:`sign_agreement`. Also returns ``num_bloc_excluded``. When fewer than 2 clients would
+        remain, every client is kept (a round needs a spread of values; the metric still counts the
+        flagged ones).
         """
-        similarity = departure_agreement if self.name == "departure-exclusion" else sign_agreement
+        similarity = departure_agreement if self.name.endswith("departure-exclusion") else sign_agreement
         weights = collusion_weights(*similarity(layers))
         outside = weights == 1.0
         excluded = int((~outside).sum())

@@ -17,7 +17,13 @@ import numpy as np
 
 from .aggregate import median_of, min_votes, pseudo_gradients, trim_count, trimmed_mean
 from .engines import BACKENDS, Engine, select_engine
-from .mask_rules import CLIENT_SELECTING_RULES, PAPER_STEP_RULES, MaskRule, hold_quiet_coordinates
+from .mask_rules import (
+    CLIENT_SELECTING_RULES,
+    PAPER_STEP_RULES,
+    QUIET_HOLDING_RULES,
+    MaskRule,
+    hold_quiet_coordinates,
+)
 
 __all__ = [
     "BACKENDS",
@@ -119,7 +125,7 @@ class InvariantConfig:
                 stacked for _, stacked in _masked_pseudo_gradients(global_weights, updates, median_layers)
             )
             updates = [update for update, keep in zip(updates, outside, strict=True) if keep]
-        if self.mask_rule == "busy-bloc-exclusion":
+        if self.mask_rule in QUIET_HOLDING_RULES:
             masked = _masked_pseudo_gradients(global_weights, updates, median_layers)
             updates = hold_quiet_coordinates(global_weights, updates, masked)
         if self.mask_rule not in PAPER_STEP_RULES:

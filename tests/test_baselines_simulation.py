@@ -31,7 +31,7 @@ def test_every_defense_runs_two_rounds_by_name():
         assert record["config"]["defense"] == name
         assert rounds[1]["train_num_aggregated"] == 8, name
     assert 0.0 < records["invariant-collusion"]["rounds"][1]["train_min_vote_weight"] <= 1.0
-    for rule in ("bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion"):
+    for rule in ("bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion"):
         name = f"invariant-{rule}"
         assert records[name]["rounds"][1]["train_num_bloc_excluded"] >= 0
     assert 0.0 <= records["robust-lr"]["rounds"][1]["train_robust_lr_flipped_fraction"] <= 1.0

@@ -84,6 +84,13 @@ def test_departure_exclusion_finds_the_bloc_that_evades_the_whole_vector_test() 
     np.testing.assert_array_equal(new[0], expected[0])
     assert metrics["num_bloc_excluded"] == 4 and metrics["mask_fraction"] == fraction
 
+    # the same exclusion, then the quiet half of the coordinates held where they are
+    busy = InvariantConfig(tau=0.3, mask_rule="busy-departure-exclusion")
+    held, metrics = busy.aggregate(global_weights, updates)
+    gate = busy_coordinates(np.stack(clients[:16]))
+    assert metrics["num_bloc_excluded"] == 4 and 0.4 < gate.mean() <= 0.5 + 1e-9
+    np.testing.assert_array_equal(held[0], np.where(gate, expected[0], 0.0))
+
 
 def test_collusion_weights_share_a_blocs_vote() -> None:
     # 7 clients: pair agreements 0 except the bloc {4, 5, 6} (0.9 among themselves) and (0, 1) at 0.1.
@@ -292,7 +299,7 @@ def test_strategies_take_and_validate_mask_rule(cls) -> None:
         ValueError,
         match=(
             "mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion, "
-            "departure-exclusion, busy-bloc-exclusion; got 'x'"
+            "departure-exclusion, busy-bloc-exclusion, busy-departure-exclusion; got 'x'"
         ),
     ):
         cls(mask_rule="x")
