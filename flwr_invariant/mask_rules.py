@@ -32,10 +32,9 @@ The other rules change how votes count; each returns, per layer, a step scale in
 - ``"busy-bloc-exclusion"``, ``"busy-departure-exclusion"``: that exclusion, and then a coordinate
   moves only where the remaining clients move it at least as much as they move the layer's typical
   coordinate (its median ``|g_i|`` over clients is at least the layer's median of those;
-  :func:`busy_coordinates`).
-  Neurotoxin writes its backdoor where benign clients move least, because nothing there
-  overwrites it; this takes that half of every layer away, at little cost to the main task,
-  whose steps there are small. The held coordinates are set to the global weights before the
+  :func:`busy_coordinates`). Neurotoxin writes its backdoor where benign clients move least,
+  because nothing there overwrites it; this takes that half of every layer away, at little cost
+  to the main task, whose steps there are small. The held coordinates are set to the global weights before the
   paper's step (:func:`hold_quiet_coordinates`), so they fail the mask (at ``tau = 0`` they pass
   it with a step of 0, and ``mask_fraction`` counts them).
 
@@ -62,8 +61,8 @@ __all__ = [
     "QUIET_HOLDING_RULES",
     "busy_coordinates",
     "collusion_weights",
-    "hold_quiet_coordinates",
     "departure_agreement",
+    "hold_quiet_coordinates",
     "sign_agreement",
     "weighted_consistency",
 ]
