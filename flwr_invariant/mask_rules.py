@@ -34,9 +34,9 @@ The other rules change how votes count; each returns, per layer, a step scale in
   coordinate (its median ``|g_i|`` over clients is at least the layer's median of those;
   :func:`busy_coordinates`). Neurotoxin writes its backdoor where benign clients move least,
   because nothing there overwrites it; this takes that half of every layer away, at little cost
-  to the main task, whose steps there are small. The held coordinates are set to the global weights before the
-  paper's step (:func:`hold_quiet_coordinates`), so they fail the mask (at ``tau = 0`` they pass
-  it with a step of 0, and ``mask_fraction`` counts them).
+  to the main task, whose steps there are small. The held coordinates are set to the global
+  weights before the paper's step (:func:`hold_quiet_coordinates`), so they fail the mask (at
+  ``tau = 0`` they pass it with a step of 0, and ``mask_fraction`` counts them).
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
@@ -54,6 +54,7 @@ __all__ = [
     "CLIENT_SELECTING_RULES",
     "COLLUSION_SPREAD",
     "DEPARTURE_SHARE",
+    "DEPARTURE_TESTING_RULES",
     "MASK_RULES",
     "MEMORY_DECAY",
     "MaskRule",
@@ -75,6 +76,8 @@ MASK_RULES = (
 CLIENT_SELECTING_RULES = (
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion"
 )  # fmt: skip
+#: Rules whose exclusion test compares the clients' largest departures (:func:`departure_agreement`).
+DEPARTURE_TESTING_RULES = ("departure-exclusion", "busy-departure-exclusion")
 #: Rules that then hold the quiet coordinates (:func:`hold_quiet_coordinates`).
 QUIET_HOLDING_RULES = ("busy-bloc-exclusion", "busy-departure-exclusion")
 #: Rules whose step is the paper's (on the clients and coordinates they pick): the fast engines compute it.
@@ -281,12 +284,12 @@ class MaskRule:
         """``(N,)`` bool: the clients with no unusually similar partner (:func:`collusion_weights` = 1).
 
         ``layers``: each ``(N, *layer_shape)``, the same N clients' pseudo-gradients. Similarity is
-        :func:`departure_agreement` for the two ``departure-exclusion`` rules, else
+        :func:`departure_agreement` for :data:`DEPARTURE_TESTING_RULES`, else
         :func:`sign_agreement`. Also returns ``num_bloc_excluded``. When fewer than 2 clients would
         remain, every client is kept (a round needs a spread of values; the metric still counts the
         flagged ones).
         """
-        similarity = departure_agreement if self.name.endswith("departure-exclusion") else sign_agreement
+        similarity = departure_agreement if self.name in DEPARTURE_TESTING_RULES else sign_agreement
         weights = collusion_weights(*similarity(layers))
         outside = weights == 1.0
         excluded = int((~outside).sum())
