@@ -131,7 +131,10 @@ def invariant_aggregate(
 
 def pseudo_gradients(w: np.ndarray, layer: Sequence[np.ndarray]) -> np.ndarray:
     """``(N, *w.shape)``: ``w - w_i`` for each client's array ``w_i``, read as ``w``'s dtype."""
-    return np.stack([w - np.asarray(w_i, dtype=w.dtype) for w_i in layer])
+    stacked = np.empty((len(layer), *w.shape), dtype=w.dtype)
+    for row, w_i in zip(stacked, layer, strict=True):  # into place: np.stack would copy each row again
+        np.subtract(w, np.asarray(w_i, dtype=w.dtype), out=row)
+    return stacked
 
 
 def invariant_update(

@@ -34,9 +34,9 @@ The other rules change how votes count; each returns, per layer, a step scale in
   coordinate (its median ``|g_i|`` over clients is at least the layer's median of those;
   :func:`busy_coordinates`). Neurotoxin writes its backdoor where benign clients move least,
   because nothing there overwrites it; this takes that half of every layer away, at little cost
-  to the main task, whose steps there are small. The held coordinates are set to the global
-  weights before the paper's step (:func:`hold_quiet_coordinates`), so they fail the mask (at
-  ``tau = 0`` they pass it with a step of 0, and ``mask_fraction`` counts them).
+  to the main task, whose steps there are small. The paper's step runs on every coordinate and
+  the quiet ones are then put back to the global weights (:func:`hold_quiet_coordinates`);
+  ``mask_fraction`` counts the coordinates both the gate and the mask keep.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
@@ -139,7 +139,8 @@ def departure_agreement(
         if total is None:
             total = np.zeros((num_clients, num_clients))
         flat = np.asarray(layer, dtype=np.float32).reshape(num_clients, -1)
-        signs = flat - np.median(flat, axis=0)  # the departures, overwritten row by row with their signs
+        low, high = _middle_values(flat)
+        signs = flat - (low + high) / 2  # the departures, overwritten row by row with their signs
         kept = max(1, int(np.ceil(share * flat.shape[1])))
         for row in signs:  # row by row: argpartition over all rows would hold N x P int64 indices
             largest = np.argpartition(-np.abs(row), kept - 1)[:kept]
@@ -181,34 +182,49 @@ def busy_coordinates(stacked: np.ndarray) -> np.ndarray:
     ties at the layer's median are kept, so at least half the coordinates are.
     """
     stacked = np.asarray(stacked)
-    num_clients = stacked.shape[0]
-    flat = stacked.reshape(num_clients, -1)
-    # Each coordinate's N values side by side, sorted: numpy's SIMD sort of short contiguous rows
-    # is about 8x faster than np.median's partition along axis 0 (20 x 2.4 M float32).
-    moved = np.empty(flat.shape[::-1], dtype=stacked.dtype)
-    np.abs(flat.T, out=moved)
-    moved.sort(axis=1)
-    medians = (moved[:, (num_clients - 1) // 2].astype(np.float64) + moved[:, num_clients // 2]) / 2
+    low, high = _middle_values(stacked.reshape(stacked.shape[0], -1), absolute=True)
+    medians = (low.astype(np.float64) + high) / 2
     return (medians >= np.median(medians)).reshape(stacked.shape[1:])
+
+
+def _middle_values(flat: np.ndarray, absolute: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The two middle order statistics over the N rows of ``flat`` ``(N, P)``, each ``(P,)``.
+
+    Their float32 mean is ``np.median(flat, axis=0)`` bit for bit; ``absolute`` ranks ``|flat|``.
+    """
+    num_clients = flat.shape[0]
+    # Each coordinate's N values side by side, sorted: numpy's SIMD sort of short contiguous rows
+    # is about 4-8x faster than np.median's partition along axis 0 (20 x 2.4 M float32).
+    columns = np.empty(flat.shape[::-1], dtype=flat.dtype)
+    if absolute:
+        np.abs(flat.T, out=columns)
+    else:
+        columns[...] = flat.T
+    columns.sort(axis=1)
+    return columns[:, (num_clients - 1) // 2], columns[:, num_clients // 2]
 
 
 def hold_quiet_coordinates(
     global_weights: Sequence[np.ndarray],
-    updates: Sequence[Sequence[np.ndarray]],
+    stepped: Sequence[np.ndarray],
     stacks: Iterable[tuple[int, np.ndarray]],
-) -> list[list[np.ndarray]]:
-    """The clients' weights with every coordinate outside :func:`busy_coordinates` set to the global weight.
+    tau: float,
+) -> tuple[list[np.ndarray], float]:
+    """``stepped`` with every coordinate outside :func:`busy_coordinates` put back to the global weight.
 
-    ``updates[i][l]``: client i's returned array of layer l; ``stacks``: ``(l, (N, *shape))``
-    pseudo-gradients of the layers to gate. A held coordinate has no votes and a trimmed mean
-    of 0, so the paper's step (any engine) leaves it where it is. Other layers are passed through.
+    ``stepped``: the new weights of the paper's step on the same clients; ``stacks``: ``(l,
+    (N, *shape))`` pseudo-gradients of the layers to gate (other layers pass through). The step
+    is coordinate-wise, so this equals stepping from updates held at the global weights there.
+    Also returns the share of the gated coordinates that the gate and the AND-mask at ``tau``
+    both keep (1.0 if there are none).
     """
-    held = [list(update) for update in updates]
+    held, kept, total = list(stepped), 0, 0
     for index, stacked in stacks:
-        busy, w = busy_coordinates(stacked), global_weights[index]
-        for client in held:
-            client[index] = np.where(busy, np.asarray(client[index], dtype=w.dtype), w)
-    return held
+        busy = busy_coordinates(stacked)
+        held[index] = np.where(busy, stepped[index], global_weights[index])
+        kept += int(np.count_nonzero(busy & and_mask(stacked, tau)))
+        total += busy.size
+    return held, (kept / total if total else 1.0)
 
 
 def weighted_consistency(stacked: np.ndarray, weights: np.ndarray) -> np.ndarray:

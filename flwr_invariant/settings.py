@@ -125,9 +125,6 @@ class InvariantConfig:
                 stacked for _, stacked in _masked_pseudo_gradients(global_weights, updates, median_layers)
             )
             updates = [update for update, keep in zip(updates, outside, strict=True) if keep]
-        if self.mask_rule in QUIET_HOLDING_RULES:
-            masked = _masked_pseudo_gradients(global_weights, updates, median_layers)
-            updates = hold_quiet_coordinates(global_weights, updates, masked)
         if self.mask_rule not in PAPER_STEP_RULES:
             weights, metrics = self._aggregate_by_rule(global_weights, updates, median_layers)
             return weights, {**metrics, **rule_metrics}
@@ -139,6 +136,13 @@ class InvariantConfig:
             server_learning_rate=self.server_learning_rate,
             median_layers=median_layers,
         )
+        if self.mask_rule in QUIET_HOLDING_RULES:
+            weights, mask_fraction = hold_quiet_coordinates(
+                global_weights,
+                weights,
+                _masked_pseudo_gradients(global_weights, updates, median_layers),
+                self.tau,
+            )
         return weights, {
             "mask_fraction": mask_fraction,
             "trim_count": trim_count(len(updates), self.trim_ratio),

@@ -51,6 +51,34 @@ def test_departure_agreement_by_hand() -> None:
     assert count == 3
 
 
+def _departure_agreement_with_np_median(layers: list[np.ndarray], share: float) -> np.ndarray:
+    """The definition of departure_agreement, written plainly (np.median, a full argsort)."""
+    total, count = 0.0, 0
+    for layer in layers:
+        flat = np.asarray(layer, dtype=np.float32).reshape(layer.shape[0], -1)
+        departures = flat - np.median(flat, axis=0)
+        kept = int(np.ceil(share * flat.shape[1]))
+        signs = np.zeros_like(departures)
+        for row, departure in zip(signs, departures, strict=True):
+            largest = np.argsort(-np.abs(departure), kind="stable")[:kept]
+            row[largest] = np.sign(departure[largest])
+        total, count = total + signs.astype(np.float64) @ signs.T, count + kept
+    return total / count
+
+
+@pytest.mark.parametrize("num_clients", [7, 20])
+def test_departure_agreement_matches_its_definition(num_clients: int) -> None:
+    # Continuous values (no ties among the largest departures), plus a layer of repeated values.
+    rng = np.random.default_rng(num_clients)
+    layers = [
+        rng.standard_normal((num_clients, 50, 30)).astype(np.float32),
+        rng.integers(-2, 3, (num_clients, 1)).astype(np.float32) * 0.25,
+        rng.standard_normal((num_clients, 999)),
+    ]
+    agreement, _ = departure_agreement(layers, share=0.1)
+    np.testing.assert_array_equal(agreement, _departure_agreement_with_np_median(layers, 0.1))
+
+
 def _evading_bloc_round(seed: int) -> list[np.ndarray]:
     """16 honest updates (a common direction plus noise of scales 0.3-3) and 4 bloc-evasion updates."""
     rng = np.random.default_rng(seed)
@@ -266,6 +294,38 @@ def test_busy_bloc_exclusion_steps_only_where_the_clients_outside_the_bloc_move_
     assert (paper[0][:, 20:] != 0).mean() > 0.5  # the paper moves most of the quiet half,
     assert (new[0][:, 20:] == 0).all()  # this rule none of it
     np.testing.assert_array_equal(new[1], paper[1])  # the median of the honest clients' integers
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy", "torch"])
+def test_busy_rules_equal_the_paper_step_on_updates_held_at_the_global_weights(backend: str) -> None:
+    # Independent clients (nobody excluded): the gate's definition, holding the quiet
+    # coordinates of every update before the step, gives the same weights bit for bit.
+    rng = np.random.default_rng(11)
+    global_weights = [rng.standard_normal((12, 9)).astype(np.float32), rng.standard_normal(7), np.arange(3)]
+    clients = [
+        [
+            *(
+                w + rng.standard_normal(w.shape).astype(w.dtype) * rng.uniform(0.1, 2)
+                for w in global_weights[:2]
+            ),
+            k % 4 + np.arange(3),
+        ]
+        for k in range(15)
+    ]
+    gates = {i: busy_coordinates(np.stack([global_weights[i] - c[i] for c in clients])) for i in (0, 1)}
+    held = [
+        [np.where(gates[i], c[i], w) if i in gates else c[i] for i, w in enumerate(global_weights)]
+        for c in clients
+    ]
+    for rule in ("busy-bloc-exclusion", "busy-departure-exclusion"):
+        new, metrics = InvariantConfig(tau=0.3, mask_rule=rule, backend=backend).aggregate(
+            global_weights, clients
+        )
+        expected, fraction = InvariantConfig(tau=0.3, backend=backend).aggregate(global_weights, held)
+        assert metrics["num_bloc_excluded"] == 0
+        for a, b in zip(new, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert metrics["mask_fraction"] == fraction["mask_fraction"]
 
 
 def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
