@@ -118,8 +118,14 @@ def assert_run_finished(deployment: Deployment) -> None:
     assert runs[0]["status"] == "finished:completed", runs
 
 
-def assert_clean_shutdown(deployment: Deployment, skip: tuple[str, ...] = ()) -> None:
-    """SIGTERM every process: each exits with 0 within the timeout, no traceback, no leftover child."""
+def assert_clean_shutdown(
+    deployment: Deployment, skip: tuple[str, ...] = (), stale_run: str | None = None
+) -> None:
+    """SIGTERM every process: each exits with 0 within the timeout, no traceback, no leftover child.
+
+    ``stale_run``: a run the SuperLink dropped mid-round. A SuperNode still training for it logs
+    Flower's traceback when its reply is refused; that one is allowed, only for that run.
+    """
     codes = deployment.shutdown(timeout=30.0)
     for process in deployment.processes:
         if process.name in skip:
@@ -133,7 +139,10 @@ def assert_clean_shutdown(deployment: Deployment, skip: tuple[str, ...] = ()) ->
             else "SuperNode terminated gracefully"
         )
         assert marker in log, f"{process.name} did not shut down gracefully\n{process.tail()}"
-        assert not crash_lines(log), process.tail(80)
+        crashes = crash_lines(log)
+        if stale_run is not None and f"Run ID {stale_run} is not in `RUNNING` status" in log:
+            crashes = crash_lines(log.replace("Failed to push reply message\nTraceback", ""))
+        assert not crashes, process.tail(80)
     left = deployment.leftovers()
     assert not left, f"processes left running: {left}"
 
@@ -383,5 +392,6 @@ def test_superlink_killed_after_round_2_resumes_from_the_checkpoint(
     (resumed_run,) = statuses
     for process, _ in nodes.values():  # every node trained rounds 3 and 4 of the resumed run
         assert train_messages_of_run(process.log(), resumed_run) == 2, process.tail()
-    assert_clean_shutdown(deployment, skip=(killed.name,))
+    # a SuperNode may still be training round 3 of the killed run when the new SuperLink ends it
+    assert_clean_shutdown(deployment, skip=(killed.name,), stale_run=str(interrupted["run-id"]))
     assert not any(alive(pid) for pid in killed.descendants)  # the old ServerApp did exit
