@@ -376,12 +376,13 @@ def resolve_config(*sources: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def defense_label(config: Mapping[str, Any]) -> str:
-    """The defense's name, plus ``tau=...``/``trim-ratio=...`` where an Invariant defense's differ
-    from the defaults (``"invariant-bloc-exclusion tau=0.3"``): what reports and grids tell apart."""
+    """The defense's name, plus ``tau=...``/``trim-ratio=...``/``server-learning-rate=...`` where an
+    Invariant defense's differ from the defaults (``"invariant-bloc-exclusion tau=0.3"``): what
+    reports and grids tell apart."""
     defense = str(config["defense"])
     if not defense.startswith("invariant"):  # only the defenses built on InvariantAggregation
         return defense
-    differs = [key for key in ("tau", "trim-ratio") if config.get(key, DEFAULTS[key]) != DEFAULTS[key]]
+    differs = [key for key in _STRATEGY_PARAMETERS if config.get(key, DEFAULTS[key]) != DEFAULTS[key]]
     return " ".join([defense, *(f"{key}={config[key]}" for key in differs)])
 
 

@@ -1,7 +1,7 @@
 """Experiment grids: defenses x attacks x seeds from a TOML or YAML file, resumable.
 
 Each run writes ``OUTPUT/<defense>__<attack>__seed<seed>/`` (an Invariant defense at a
-non-default ``tau`` or trim ratio: ``<defense>_tau_0.3__...``, see
+non-default ``tau``, trim ratio or server learning rate: ``<defense>_tau_0.3__...``, see
 :func:`simulation.config.defense_label`):
 
 - ``metrics.jsonl``: one JSON object per round (``round``, ``acc_main``,

@@ -327,17 +327,21 @@ def test_every_committed_grid_file_is_valid(path):
     assert spec.runs(), f"{path.name} defines no runs"
 
 
-def test_a_cell_setting_an_invariant_defense_s_tau_names_its_runs_apart(tmp_path):
+def test_a_cell_setting_an_invariant_defense_s_settings_names_its_runs_apart(tmp_path):
     path = tmp_path / "g.toml"
     path.write_text(
         '[base]\ntask = "linear"\n'
         '[[cells]]\ndefenses = ["fedavg", "invariant-bloc-exclusion"]\nattacks = ["blackbox"]\n'
         '[[cells]]\ndefenses = ["fedavg", "invariant-bloc-exclusion"]\nattacks = ["blackbox"]\n'
         "base = { tau = 0.3, trim-ratio = 0.2 }\n"
+        '[[cells]]\ndefenses = ["invariant-bloc-exclusion"]\nattacks = ["blackbox"]\n'
+        "base = { tau = 0.3, trim-ratio = 0.2, server-learning-rate = 1.5 }\n"
     )
     runs = dict(load_grid(path).runs())
     assert list(runs) == ["fedavg__blackbox__seed0", "invariant-bloc-exclusion__blackbox__seed0",
-                          "invariant-bloc-exclusion_tau_0.3_trim-ratio_0.2__blackbox__seed0"]  # fmt: skip
+                          "invariant-bloc-exclusion_tau_0.3_trim-ratio_0.2__blackbox__seed0",
+                          "invariant-bloc-exclusion_tau_0.3_trim-ratio_0.2_server-learning-rate_1.5__blackbox__seed0",
+                          ]  # fmt: skip
     assert runs["invariant-bloc-exclusion_tau_0.3_trim-ratio_0.2__blackbox__seed0"]["tau"] == 0.3
     assert "tau" not in runs["fedavg__blackbox__seed0"]  # FedAvg has no tau: the first cell's run
 
