@@ -36,14 +36,20 @@ The other rules change how votes count; each returns, per layer, a step scale in
   because nothing there overwrites it; this takes that half of every layer away, at little cost
   to the main task, whose steps there are small. The paper's step runs on every coordinate and
   the quiet ones are then put back to the global weights (:func:`hold_quiet_coordinates`);
-  ``mask_fraction`` counts the coordinates both the gate and the mask keep.
+  ``mask_fraction`` counts the coordinates both the gate and the mask keep;
+- ``"persistent-departure-exclusion"``: ``"busy-departure-exclusion"``, and a coordinate is also held
+  while its round's extreme departure from the median has leaned the same way round after round
+  (:func:`extreme_lean`, remembered with decay ``LEAN_DECAY``; held where the memory is more than
+  ``LEAN_Z`` standard deviations of a coin-flip lean from 0). An attacker that no test flags can
+  still push a backdoor coordinate a little every round: alone there, its value is the round's
+  extreme, and a trimmed mean shifts by one rank toward it. Honest extremes fall on either side.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -55,7 +61,11 @@ __all__ = [
     "COLLUSION_SPREAD",
     "DEPARTURE_SHARE",
     "DEPARTURE_TESTING_RULES",
+    "LEAN_DECAY",
+    "LEAN_HOLDING_RULES",
+    "LEAN_Z",
     "MASK_RULES",
+    "MEMORY_KEEPING_RULES",
     "MEMORY_DECAY",
     "MaskRule",
     "PAPER_STEP_RULES",
@@ -63,6 +73,7 @@ __all__ = [
     "busy_coordinates",
     "collusion_weights",
     "departure_agreement",
+    "extreme_lean",
     "hold_quiet_coordinates",
     "sign_agreement",
     "weighted_consistency",
@@ -71,20 +82,30 @@ __all__ = [
 MASK_RULES = (
     "paper", "soft-margin", "collusion", "memory",
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
+    "persistent-departure-exclusion",
 )  # fmt: skip
 #: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) before the step.
 CLIENT_SELECTING_RULES = (
-    "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion"
+    "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
+    "persistent-departure-exclusion",
 )  # fmt: skip
 #: Rules whose exclusion test compares the clients' largest departures (:func:`departure_agreement`).
-DEPARTURE_TESTING_RULES = ("departure-exclusion", "busy-departure-exclusion")
+DEPARTURE_TESTING_RULES = (
+    "departure-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion"
+)  # fmt: skip
 #: Rules that then hold the quiet coordinates (:func:`hold_quiet_coordinates`).
-QUIET_HOLDING_RULES = ("busy-bloc-exclusion", "busy-departure-exclusion")
+QUIET_HOLDING_RULES = ("busy-bloc-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion")
+#: Rules that also hold coordinates whose extreme departures lean one way (:meth:`MaskRule.steady_leans`).
+LEAN_HOLDING_RULES = ("persistent-departure-exclusion",)
+#: Rules that keep a memory across rounds (:attr:`MaskRule.memory_state`; checkpointed).
+MEMORY_KEEPING_RULES = ("memory", *LEAN_HOLDING_RULES)
 #: Rules whose step is the paper's (on the clients and coordinates they pick): the fast engines compute it.
 PAPER_STEP_RULES = ("paper", *CLIENT_SELECTING_RULES)
 COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agreement
 MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
 DEPARTURE_SHARE = 0.1  # of each layer's coordinates: a client's largest departures from the median
+LEAN_DECAY = 0.95  # weight of the previous rounds' leans: a memory of about 20 rounds
+LEAN_Z = 4.0  # standard deviations of a coin-flip lean's memory; about 6e-5 of them pass it
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")
@@ -187,6 +208,19 @@ def busy_coordinates(stacked: np.ndarray) -> np.ndarray:
     return (medians >= np.median(medians)).reshape(stacked.shape[1:])
 
 
+def extreme_lean(stacked: np.ndarray) -> np.ndarray:
+    """int8 of ``stacked.shape[1:]``: +1 where the farthest value from the median lies above it, -1 below.
+
+    ``stacked``: ``(N, *layer_shape)``. The sign of ``max + min - 2 * median`` over the N clients
+    (0 on a tie). Symmetric spreads of values give either sign by chance.
+    """
+    stacked = np.asarray(stacked)
+    flat = stacked.reshape(stacked.shape[0], -1)
+    low, high = _middle_values(flat)
+    skew = flat.max(axis=0).astype(np.float64) + flat.min(axis=0) - low - high
+    return np.sign(skew).astype(np.int8).reshape(stacked.shape[1:])
+
+
 def _middle_values(flat: np.ndarray, absolute: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The two middle order statistics over the N rows of ``flat`` ``(N, P)``, each ``(P,)``.
 
@@ -209,21 +243,25 @@ def hold_quiet_coordinates(
     stepped: Sequence[np.ndarray],
     stacks: Iterable[tuple[int, np.ndarray]],
     tau: float,
+    also_held: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], float]:
     """``stepped`` with every coordinate outside :func:`busy_coordinates` put back to the global weight.
 
     ``stepped``: the new weights of the paper's step on the same clients; ``stacks``: ``(l,
-    (N, *shape))`` pseudo-gradients of the layers to gate (other layers pass through). The step
+    (N, *shape))`` pseudo-gradients of the layers to gate (other layers pass through);
+    ``also_held``: layer index -> bool of its shape, more coordinates to put back. The step
     is coordinate-wise, so this equals stepping from updates held at the global weights there.
-    Also returns the share of the gated coordinates that the gate and the AND-mask at ``tau``
-    both keep (1.0 if there are none).
+    Also returns the share of the gated coordinates that the gate, ``also_held`` and the AND-mask
+    at ``tau`` all keep (1.0 if there are none).
     """
     held, kept, total = list(stepped), 0, 0
     for index, stacked in stacks:
-        busy = busy_coordinates(stacked)
-        held[index] = np.where(busy, stepped[index], global_weights[index])
-        kept += int(np.count_nonzero(busy & and_mask(stacked, tau)))
-        total += busy.size
+        moving = busy_coordinates(stacked)
+        if also_held is not None:
+            moving &= ~also_held[index]
+        held[index] = np.where(moving, stepped[index], global_weights[index])
+        kept += int(np.count_nonzero(moving & and_mask(stacked, tau)))
+        total += moving.size
     return held, (kept / total if total else 1.0)
 
 
@@ -254,10 +292,12 @@ class MaskRule:
 
     @property
     def memory_state(self) -> np.ndarray | None:
-        """The ``"memory"`` rule's votes so far (``None`` before the first round or for other rules).
+        """The memory of a :data:`MEMORY_KEEPING_RULES` rule (``None`` before the first round or for others).
 
-        1-D float64: the decayed vote count, then each masked layer's decayed vote sums,
-        flattened in layer order. Setting it (e.g. from a checkpoint) continues from there.
+        1-D float64, then each masked layer's memory flattened in layer order: for ``"memory"``
+        the decayed vote count and the decayed vote sums; for the lean-holding rules the
+        decayed sum of squared weights (a coin-flip lean's memory variance) and the decayed
+        leans. Setting it (e.g. from a checkpoint) continues from there.
         """
         if self._restored is not None:
             return self._restored
@@ -312,6 +352,30 @@ class MaskRule:
         if outside.sum() < 2:
             outside = np.ones_like(outside)
         return outside, {"num_bloc_excluded": excluded}
+
+    def steady_leans(
+        self, stacks: Iterable[tuple[int, np.ndarray]]
+    ) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+        """Layer index -> bool of its shape: the coordinates whose extreme departure keeps one side.
+
+        ``stacks``: ``(l, (N, *shape))`` pseudo-gradients of this round's clients, every masked
+        layer once per round, in layer order. Adds this round's :func:`extreme_lean` to the
+        decayed memory and holds where ``|memory| >= LEAN_Z * sqrt(sum of squared weights)``.
+        Also returns ``lean_held_fraction``, the share of the coordinates held.
+        """
+        leans = {index: extreme_lean(stacked) for index, stacked in stacks}
+        if self._restored is not None:
+            self._unpack_restored([lean.shape for lean in leans.values()])
+        if self._memory is None or [m.shape for m in self._memory] != [lean.shape for lean in leans.values()]:
+            self._memory = [np.zeros(lean.shape) for lean in leans.values()]
+            self._memory_count = 0.0
+        self._memory = [LEAN_DECAY * m + lean for m, lean in zip(self._memory, leans.values(), strict=True)]
+        self._memory_count = LEAN_DECAY**2 * self._memory_count + 1.0
+        limit = LEAN_Z * np.sqrt(self._memory_count)
+        held = {index: np.abs(m) >= limit for index, m in zip(leans, self._memory, strict=True)}
+        total = sum(h.size for h in held.values())
+        fraction = sum(int(np.count_nonzero(h)) for h in held.values()) / total if total else 0.0
+        return held, {"lean_held_fraction": fraction}
 
     def _memory_scales(self, layers: Sequence[np.ndarray]) -> list[np.ndarray]:
         sums = [np.sign(layer).sum(axis=0, dtype=np.float64) for layer in layers]

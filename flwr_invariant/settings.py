@@ -19,6 +19,8 @@ from .aggregate import median_of, min_votes, pseudo_gradients, trim_count, trimm
 from .engines import BACKENDS, Engine, select_engine
 from .mask_rules import (
     CLIENT_SELECTING_RULES,
+    LEAN_HOLDING_RULES,
+    MEMORY_KEEPING_RULES,
     PAPER_STEP_RULES,
     QUIET_HOLDING_RULES,
     MaskRule,
@@ -137,11 +139,18 @@ class InvariantConfig:
             median_layers=median_layers,
         )
         if self.mask_rule in QUIET_HOLDING_RULES:
+            leaning = None
+            if self.mask_rule in LEAN_HOLDING_RULES:
+                leaning, lean_metrics = self._rule[0].steady_leans(
+                    _masked_pseudo_gradients(global_weights, updates, median_layers)
+                )
+                rule_metrics = {**rule_metrics, **lean_metrics}
             weights, mask_fraction = hold_quiet_coordinates(
                 global_weights,
                 weights,
                 _masked_pseudo_gradients(global_weights, updates, median_layers),
                 self.tau,
+                also_held=leaning,
             )
         return weights, {
             "mask_fraction": mask_fraction,
@@ -176,12 +185,12 @@ class InvariantConfig:
 
     @property
     def mask_memory(self) -> np.ndarray | None:
-        """The ``"memory"`` rule's votes across rounds (:attr:`MaskRule.memory_state`); else ``None``."""
+        """A memory-keeping rule's state across rounds (:attr:`MaskRule.memory_state`); else ``None``."""
         return self._rule[0].memory_state if self._rule else None
 
     def restore_mask_memory(self, state: np.ndarray | None) -> None:
-        """Continue the ``"memory"`` rule from ``state`` (a saved :attr:`mask_memory`)."""
-        if self.mask_rule != "memory":
+        """Continue a memory-keeping rule from ``state`` (a saved :attr:`mask_memory`)."""
+        if self.mask_rule not in MEMORY_KEEPING_RULES:
             if state is not None:
                 raise ValueError(f"mask_rule={self.mask_rule!r} keeps no mask memory to restore")
             return
@@ -237,7 +246,7 @@ class CarriedMaskMemory:
     """Both strategy classes: the state kept across rounds, for round checkpoints.
 
     ``carried_state`` names the attributes to save and set again on resume:
-    ``("mask_memory",)`` with ``mask_rule="memory"``, else none.
+    ``("mask_memory",)`` with a rule of :data:`~flwr_invariant.mask_rules.MEMORY_KEEPING_RULES`, else none.
     """
 
     invariant_config: InvariantConfig
@@ -245,11 +254,11 @@ class CarriedMaskMemory:
     @property
     def carried_state(self) -> tuple[str, ...]:
         """Attribute names that carry across rounds."""
-        return ("mask_memory",) if self.invariant_config.mask_rule == "memory" else ()
+        return ("mask_memory",) if self.invariant_config.mask_rule in MEMORY_KEEPING_RULES else ()
 
     @property
     def mask_memory(self) -> np.ndarray | None:
-        """1-D float64 votes of the ``"memory"`` rule so far (:attr:`InvariantConfig.mask_memory`)."""
+        """1-D float64 memory of the mask rule so far (:attr:`InvariantConfig.mask_memory`)."""
         return self.invariant_config.mask_memory
 
     @mask_memory.setter

@@ -77,7 +77,7 @@ def test_registry_names_every_defense_of_the_issue():
         "krum-trimmed-mean", "sign-sgd", "weak-dp", "foolsgold", "rfa", "sparsefed", "flame", "flain",
         "robust-lr", "invariant-collusion", "invariant-soft-margin", "invariant-memory",
         "invariant-bloc-exclusion", "invariant-departure-exclusion", "invariant-busy-bloc-exclusion",
-        "invariant-busy-departure-exclusion",
+        "invariant-busy-departure-exclusion", "invariant-persistent-departure-exclusion",
         "fltrust", "deepsight", "alignins", "crfl", "multi-metrics",
     }  # fmt: skip
     _, collusion = baselines.DEFENSES["invariant-collusion"]({"tau": 0.7})

@@ -3,6 +3,7 @@
 import math
 
 import baselines
+from flwr_invariant.mask_rules import CLIENT_SELECTING_RULES
 from simulation.config import resolve_config
 
 from .simulate import run_experiments
@@ -31,9 +32,14 @@ def test_every_defense_runs_two_rounds_by_name():
         assert record["config"]["defense"] == name
         assert rounds[1]["train_num_aggregated"] == 8, name
     assert 0.0 < records["invariant-collusion"]["rounds"][1]["train_min_vote_weight"] <= 1.0
-    for rule in ("bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion"):
+    for rule in CLIENT_SELECTING_RULES:
         name = f"invariant-{rule}"
         assert records[name]["rounds"][1]["train_num_bloc_excluded"] >= 0
+    assert (
+        0.0
+        <= records["invariant-persistent-departure-exclusion"]["rounds"][1]["train_lean_held_fraction"]
+        <= 1
+    )
     assert 0.0 <= records["robust-lr"]["rounds"][1]["train_robust_lr_flipped_fraction"] <= 1.0
     assert records["fltrust"]["rounds"][1]["train_fltrust_server_norm"] > 0  # trained on its root dataset
     assert records["deepsight"]["rounds"][1]["train_num_clusters"] >= 1  # probed the models' outputs

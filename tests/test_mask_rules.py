@@ -13,6 +13,7 @@ from flwr_invariant.mask_rules import (
     busy_coordinates,
     collusion_weights,
     departure_agreement,
+    extreme_lean,
     sign_agreement,
     weighted_consistency,
 )
@@ -328,6 +329,76 @@ def test_busy_rules_equal_the_paper_step_on_updates_held_at_the_global_weights(b
         assert metrics["mask_fraction"] == fraction["mask_fraction"]
 
 
+def test_extreme_lean_by_hand() -> None:
+    # per coordinate: max + min - 2 * median = 9 + 0 - 2, -1 - 7 + 4, 3 + 1 - 4 (a tie)
+    stacked = np.array([[9.0, -1.0, 1.0], [0.0, -2.0, 2.0], [1.0, -7.0, 3.0]])
+    assert extreme_lean(stacked).tolist() == [1, -1, 0]
+    assert extreme_lean(np.ones((4, 2, 3))).shape == (2, 3)
+
+
+ZEROS_50 = [np.zeros(50, dtype=np.float32)]
+
+
+def _lone_pusher_rounds(rounds: int, seed: int = 4) -> list[list[list[np.ndarray]]]:
+    """``rounds`` rounds of 20 clients' updates (from :data:`ZEROS_50`) on 50 coordinates.
+
+    Honest pseudo-gradients are ``2 + N(0, 1)`` on coordinates 0-24 and ``1 + N(0, 1)`` on the rest;
+    one client a round (never flagged: nobody shares its departures) sends -30 on coordinates 0-4.
+    """
+    rng = np.random.default_rng(seed)
+    scale = np.where(np.arange(50) < 25, 2.0, 1.0)
+    result = []
+    for _ in range(rounds):
+        grads = scale + rng.standard_normal((20, 50))
+        grads[0, :5] = -30.0
+        result.append([[(-g).astype(np.float32)] for g in grads])
+    return result
+
+
+def _steps(config: InvariantConfig, rounds: list) -> list[tuple[np.ndarray, dict]]:
+    """Each round's step from :data:`ZEROS_50` and its metrics, in order (the rule's memory carries)."""
+    steps = []
+    for clients in rounds:
+        new, metrics = config.aggregate(ZEROS_50, clients)
+        steps.append((-new[0], metrics))
+    return steps
+
+
+def test_persistent_departure_exclusion_holds_where_one_client_pushes_every_round() -> None:
+    rounds = _lone_pusher_rounds(30)
+    held = _steps(InvariantConfig(tau=0.3, mask_rule="persistent-departure-exclusion"), rounds)
+    busy = _steps(InvariantConfig(tau=0.3, mask_rule="busy-departure-exclusion"), rounds)
+    # a coin-flip lean cannot pass 4 standard deviations in its first 15 rounds: both rules agree
+    for (step, metrics), (busy_step, _) in zip(held[:15], busy[:15], strict=True):
+        np.testing.assert_array_equal(step, busy_step)
+        assert metrics["lean_held_fraction"] == 0.0
+    step, metrics = held[-1]
+    busy_step, busy_metrics = busy[-1]
+    assert metrics["num_bloc_excluded"] == busy_metrics["num_bloc_excluded"] == 0
+    assert (busy_step[:5] != 0).all()  # the lone pusher's coordinates move under busy-departure-exclusion,
+    assert (step[:5] == 0).all()  # not once its lean has lasted
+    np.testing.assert_array_equal(step[5:], busy_step[5:])  # the honest coordinates step as before
+    assert metrics["lean_held_fraction"] == 5 / 50
+    assert metrics["mask_fraction"] == busy_metrics["mask_fraction"] - 5 / 50
+
+
+def test_persistent_departure_exclusion_continues_from_its_saved_memory() -> None:
+    rounds = _lone_pusher_rounds(30)
+    expected = _steps(InvariantConfig(tau=0.3, mask_rule="persistent-departure-exclusion"), rounds)
+
+    first = InvariantConfig(tau=0.3, mask_rule="persistent-departure-exclusion")
+    _steps(first, rounds[:20])
+    saved = first.mask_memory
+    assert saved.shape == (1 + 50,) and saved[0] == pytest.approx(sum(0.95 ** (2 * k) for k in range(20)))
+    resumed = InvariantConfig(tau=0.3, mask_rule="persistent-departure-exclusion")
+    resumed.restore_mask_memory(saved)
+    for (got, _), (want, _) in zip(_steps(resumed, rounds[20:]), expected[20:], strict=True):
+        np.testing.assert_array_equal(got, want)
+    forgotten = InvariantConfig(tau=0.3, mask_rule="persistent-departure-exclusion")
+    (step, _), *_ = _steps(forgotten, rounds[20:21])
+    assert (step[:5] != 0).all() and (expected[20][0][:5] == 0).all()  # the memory is what holds them
+
+
 def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
     rule = MaskRule("bloc-exclusion", 0.6)
     a, b = np.sign(np.random.default_rng(2).normal(size=(2, 64)))
@@ -359,7 +430,8 @@ def test_strategies_take_and_validate_mask_rule(cls) -> None:
         ValueError,
         match=(
             "mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion, "
-            "departure-exclusion, busy-bloc-exclusion, busy-departure-exclusion; got 'x'"
+            "departure-exclusion, busy-bloc-exclusion, busy-departure-exclusion, "
+            "persistent-departure-exclusion; got 'x'"
         ),
     ):
         cls(mask_rule="x")
