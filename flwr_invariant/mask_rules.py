@@ -42,14 +42,19 @@ The other rules change how votes count; each returns, per layer, a step scale in
   (:func:`extreme_lean`, remembered with decay ``LEAN_DECAY``; held where the memory is more than
   ``LEAN_Z`` standard deviations of a coin-flip lean from 0). An attacker that no test flags can
   still push a backdoor coordinate a little every round: alone there, its value is the round's
-  extreme, and a trimmed mean shifts by one rank toward it. Honest extremes fall on either side.
+  extreme, and a trimmed mean shifts by one rank toward it. Honest extremes fall on either side;
+- ``"cross-round-departure-exclusion"``: ``"busy-departure-exclusion"`` whose pairwise test also
+  compares this round's clients with the other clients of the last ``RECALL_ROUNDS`` rounds
+  (:meth:`MaskRule.outside_blocs` with client ids; a client is never compared with its own past).
+  Colluders that share a backdoor's coordinates out so that no two depart together in a round
+  (``split-evasion``) still depart where their predecessors of the same share did.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -59,6 +64,7 @@ from .aggregate import and_mask, min_votes, sign_votes
 __all__ = [
     "CLIENT_SELECTING_RULES",
     "COLLUSION_SPREAD",
+    "CROSS_ROUND_RULES",
     "DEPARTURE_SHARE",
     "DEPARTURE_TESTING_RULES",
     "LEAN_DECAY",
@@ -70,11 +76,14 @@ __all__ = [
     "MaskRule",
     "PAPER_STEP_RULES",
     "QUIET_HOLDING_RULES",
+    "RECALL_ROUNDS",
     "busy_coordinates",
     "collusion_weights",
     "departure_agreement",
+    "departure_signs",
     "extreme_lean",
     "hold_quiet_coordinates",
+    "outlier_threshold",
     "sign_agreement",
     "weighted_consistency",
 ]
@@ -82,19 +91,25 @@ __all__ = [
 MASK_RULES = (
     "paper", "soft-margin", "collusion", "memory",
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
-    "persistent-departure-exclusion",
+    "persistent-departure-exclusion", "cross-round-departure-exclusion",
 )  # fmt: skip
 #: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) before the step.
 CLIENT_SELECTING_RULES = (
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
-    "persistent-departure-exclusion",
+    "persistent-departure-exclusion", "cross-round-departure-exclusion",
 )  # fmt: skip
 #: Rules whose exclusion test compares the clients' largest departures (:func:`departure_agreement`).
 DEPARTURE_TESTING_RULES = (
-    "departure-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion"
+    "departure-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion",
+    "cross-round-departure-exclusion",
 )  # fmt: skip
 #: Rules that then hold the quiet coordinates (:func:`hold_quiet_coordinates`).
-QUIET_HOLDING_RULES = ("busy-bloc-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion")
+QUIET_HOLDING_RULES = (
+    "busy-bloc-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion",
+    "cross-round-departure-exclusion",
+)  # fmt: skip
+#: Rules whose departure test also compares the clients of recent rounds (needs client ids).
+CROSS_ROUND_RULES = ("cross-round-departure-exclusion",)
 #: Rules that also hold coordinates whose extreme departures lean one way (:meth:`MaskRule.steady_leans`).
 LEAN_HOLDING_RULES = ("persistent-departure-exclusion",)
 #: Rules that keep a memory across rounds (:attr:`MaskRule.memory_state`; checkpointed).
@@ -105,22 +120,27 @@ COLLUSION_SPREAD = 3.0  # robust standard deviations above the median pair agree
 MEMORY_DECAY = 0.5  # weight of the previous rounds' votes
 DEPARTURE_SHARE = 0.1  # of each layer's coordinates: a client's largest departures from the median
 LEAN_DECAY = 0.95  # weight of the previous rounds' leans: a memory of about 20 rounds
+RECALL_ROUNDS = 3  # rounds whose clients the cross-round test remembers
 LEAN_Z = 4.0  # standard deviations of a coin-flip lean's memory; about 6e-5 of them pass it
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")
-def _exact_gram(signs: np.ndarray) -> np.ndarray:
-    """``signs @ signs.T`` in float64 for an ``(N, P)`` float32 array of -1, 0 and 1, summed exactly.
+def _exact_gram(signs: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+    """``signs @ others.T`` (default ``others = signs``) in float64 for arrays of -1, 0 and 1, summed exactly.
 
-    float32 products of whole numbers stay exact while each partial sum is below 2**24, so
-    the product runs in float32 (half the memory of float64) over chunks of 2**22 columns.
-    One BLAS thread: with N rows and millions of columns, OpenBLAS's threads wait on each
-    other, and on a loaded machine (a simulation's clients) a product took 50-90x longer.
+    ``signs`` ``(N, P)``, ``others`` ``(M, P)``, any numeric dtype. float32 products of whole numbers
+    stay exact while each partial sum is below 2**24, so the product runs in float32 (half the
+    memory of float64) over chunks of 2**22 columns. One BLAS thread: with N rows and millions of
+    columns, OpenBLAS's threads wait on each other, and on a loaded machine (a simulation's
+    clients) a product took 50-90x longer.
     """
-    total = np.zeros((signs.shape[0], signs.shape[0]))
+    rows = signs.shape[0] if others is None else others.shape[0]
+    total = np.zeros((signs.shape[0], rows))
     for start in range(0, signs.shape[1], 1 << 22):
-        part = signs[:, start : start + (1 << 22)]
-        total += part @ part.T
+        columns = slice(start, start + (1 << 22))
+        part = signs[:, columns].astype(np.float32, copy=False)
+        other = part if others is None else others[:, columns].astype(np.float32, copy=False)
+        total += part @ other.T
     return total
 
 
@@ -143,6 +163,23 @@ def sign_agreement(layers: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
     return total / max(count, 1), count
 
 
+def _departure_signs(flat: np.ndarray, share: float) -> tuple[np.ndarray, int]:
+    """float32 ``(N, P)``: ``sign(x_i - median)`` on row i's ``ceil(share * P)`` largest departures, else 0.
+
+    ``flat``: ``(N, P)``, one layer. Also returns that count of kept coordinates per row.
+    """
+    flat = np.asarray(flat, dtype=np.float32)
+    low, high = _middle_values(flat)
+    signs = flat - (low + high) / 2  # the departures, overwritten row by row with their signs
+    kept = max(1, int(np.ceil(share * flat.shape[1])))
+    for row in signs:  # row by row: argpartition over all rows would hold N x P int64 indices
+        largest = np.argpartition(-np.abs(row), kept - 1)[:kept]
+        departed = np.sign(row[largest])
+        row[:] = 0.0
+        row[largest] = departed
+    return signs, kept
+
+
 def departure_agreement(
     layers: Iterable[np.ndarray], share: float = DEPARTURE_SHARE
 ) -> tuple[np.ndarray, int]:
@@ -159,15 +196,7 @@ def departure_agreement(
         num_clients = layer.shape[0]
         if total is None:
             total = np.zeros((num_clients, num_clients))
-        flat = np.asarray(layer, dtype=np.float32).reshape(num_clients, -1)
-        low, high = _middle_values(flat)
-        signs = flat - (low + high) / 2  # the departures, overwritten row by row with their signs
-        kept = max(1, int(np.ceil(share * flat.shape[1])))
-        for row in signs:  # row by row: argpartition over all rows would hold N x P int64 indices
-            largest = np.argpartition(-np.abs(row), kept - 1)[:kept]
-            departed = np.sign(row[largest])
-            row[:] = 0.0
-            row[largest] = departed
+        signs, kept = _departure_signs(np.asarray(layer).reshape(num_clients, -1), share)
         total += _exact_gram(signs)
         count += kept
     if total is None:
@@ -175,23 +204,47 @@ def departure_agreement(
     return total / count, count
 
 
+def departure_signs(layers: Iterable[np.ndarray], share: float = DEPARTURE_SHARE) -> tuple[np.ndarray, int]:
+    """int8 ``(N, P)``: every layer's departure signs (:func:`departure_agreement`) side by side.
+
+    ``P``: all coordinates of ``layers``; also returns the count kept per client over all layers.
+    """
+    pieces, count = [], 0
+    for layer in layers:
+        signs, kept = _departure_signs(np.asarray(layer).reshape(layer.shape[0], -1), share)
+        pieces.append(signs.astype(np.int8))
+        count += kept
+    if not pieces:
+        raise ValueError("departure_signs needs at least one layer")
+    return np.concatenate(pieces, axis=1), count
+
+
+def outlier_threshold(pairs: np.ndarray, num_coordinates: int, spread: float = COLLUSION_SPREAD) -> float:
+    """The agreement above which a pair stands out among ``pairs`` (agreements over ``num_coordinates``).
+
+    The median pair plus ``spread`` times the larger of the pairs' robust standard deviation
+    (1.4826 MAD) and ``1 / sqrt(num_coordinates)``, the chance spread of independent sign vectors
+    (so a few coordinates never single out a pair).
+    """
+    centre = np.median(pairs)
+    scale = max(1.4826 * np.median(np.abs(pairs - centre)), 1.0 / np.sqrt(max(num_coordinates, 1)))
+    return float(centre + spread * scale)
+
+
 def collusion_weights(
     agreement: np.ndarray, num_coordinates: int, spread: float = COLLUSION_SPREAD
 ) -> np.ndarray:
     """``(N,)`` vote weights ``1 / (1 + k_i)`` from an ``(N, N)`` agreement matrix over ``num_coordinates``.
 
-    ``k_i``: clients j != i whose agreement with i exceeds the median pair by more than
-    ``spread`` times the larger of the pairs' robust standard deviation (1.4826 MAD) and
-    ``1 / sqrt(num_coordinates)``, the chance spread of independent sign vectors (so a few
-    coordinates never single out a pair). All weights are 1 when no pair stands out.
+    ``k_i``: clients j != i whose agreement with i stands out among the round's pairs
+    (:func:`outlier_threshold`). All weights are 1 when no pair stands out.
     """
     num_clients = agreement.shape[0]
     if num_clients < 3:
         return np.ones(num_clients)
-    pairs = agreement[np.triu_indices(num_clients, 1)]
-    centre = np.median(pairs)
-    scale = max(1.4826 * np.median(np.abs(pairs - centre)), 1.0 / np.sqrt(max(num_coordinates, 1)))
-    outlying = agreement > centre + spread * scale
+    outlying = agreement > outlier_threshold(
+        agreement[np.triu_indices(num_clients, 1)], num_coordinates, spread
+    )
     np.fill_diagonal(outlying, False)
     return 1.0 / (1.0 + outlying.sum(axis=1))
 
@@ -289,6 +342,7 @@ class MaskRule:
         self._memory: list[np.ndarray] | None = None
         self._memory_count = 0.0
         self._restored: np.ndarray | None = None  # memory_state set before the layer shapes are known
+        self._recalled: dict[Hashable, np.ndarray] = {}  # client id -> int8 [rounds ago, *departure signs]
 
     @property
     def memory_state(self) -> np.ndarray | None:
@@ -336,22 +390,75 @@ class MaskRule:
             return scales, {"min_vote_weight": float(weights.min())}
         return self._memory_scales(layers), {}
 
-    def outside_blocs(self, layers: Iterable[np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
+    @property
+    def recalled_departures(self) -> dict[Hashable, np.ndarray]:
+        """The cross-round test's memory: client id -> int8 ``[rounds ago, *departure signs]``.
+
+        Empty before the first round and for other rules; setting it (e.g. from a checkpoint)
+        continues from there.
+        """
+        return dict(self._recalled)
+
+    @recalled_departures.setter
+    def recalled_departures(self, recalled: Mapping[Hashable, np.ndarray]) -> None:
+        self._recalled = {key: np.asarray(value, dtype=np.int8) for key, value in recalled.items()}
+
+    def outside_blocs(
+        self, layers: Iterable[np.ndarray], client_ids: Sequence[Hashable] | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
         """``(N,)`` bool: the clients with no unusually similar partner (:func:`collusion_weights` = 1).
 
         ``layers``: each ``(N, *layer_shape)``, the same N clients' pseudo-gradients. Similarity is
         :func:`departure_agreement` for :data:`DEPARTURE_TESTING_RULES`, else
-        :func:`sign_agreement`. Also returns ``num_bloc_excluded``. When fewer than 2 clients would
-        remain, every client is kept (a round needs a spread of values; the metric still counts the
+        :func:`sign_agreement`; :data:`CROSS_ROUND_RULES` also look for partners among the other
+        clients of the last ``RECALL_ROUNDS`` rounds, which needs ``client_ids`` (N stable ids, e.g.
+        node ids). Also returns ``num_bloc_excluded``. When fewer than 2 clients would remain,
+        every client is kept (a round needs a spread of values; the metric still counts the
         flagged ones).
         """
-        similarity = departure_agreement if self.name in DEPARTURE_TESTING_RULES else sign_agreement
-        weights = collusion_weights(*similarity(layers))
-        outside = weights == 1.0
+        if self.name in CROSS_ROUND_RULES:
+            outside = ~self._partnered_across_rounds(layers, client_ids)
+        else:
+            similarity = departure_agreement if self.name in DEPARTURE_TESTING_RULES else sign_agreement
+            outside = collusion_weights(*similarity(layers)) == 1.0
         excluded = int((~outside).sum())
         if outside.sum() < 2:
             outside = np.ones_like(outside)
         return outside, {"num_bloc_excluded": excluded}
+
+    def _partnered_across_rounds(
+        self, layers: Iterable[np.ndarray], client_ids: Sequence[Hashable] | None
+    ) -> np.ndarray:
+        """``(N,)`` bool: a partner stands out in this round or among the recalled clients.
+
+        Then remembers this round's clients (their departure signs) and forgets rounds older than
+        ``RECALL_ROUNDS``.
+        """
+        signs, count = departure_signs(layers)
+        if client_ids is None or len(client_ids) != len(signs):
+            raise ValueError(
+                f"mask_rule {self.name!r} needs one id per client to compare them across rounds; "
+                f"got {'none' if client_ids is None else len(client_ids)} for {len(signs)} clients"
+            )
+        ids = list(client_ids)
+        recalled = [memory[1:] for key, memory in self._recalled.items() if key not in ids]
+        within = _exact_gram(signs) / count
+        across = _exact_gram(signs, np.stack(recalled)) / count if recalled else np.zeros((len(ids), 0))
+        pairs = np.concatenate([within[np.triu_indices(len(ids), 1)], across.ravel()])
+        partnered = np.zeros(len(ids), dtype=bool)
+        if pairs.size >= 3:
+            limit = outlier_threshold(pairs, count)
+            np.fill_diagonal(within, -np.inf)
+            partnered = (within > limit).any(axis=1) | (across > limit).any(axis=1)
+        remembered = {
+            key: np.concatenate([[memory[0] + 1], memory[1:]]).astype(np.int8)
+            for key, memory in self._recalled.items()
+            if memory[0] < RECALL_ROUNDS
+        }
+        for key, row in zip(ids, signs, strict=True):
+            remembered[key] = np.concatenate([[1], row]).astype(np.int8)
+        self._recalled = remembered
+        return partnered
 
     def steady_leans(
         self, stacks: Iterable[tuple[int, np.ndarray]]

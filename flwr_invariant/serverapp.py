@@ -103,5 +103,7 @@ class InvariantAggregation(CarriedMaskMemory, ScreenedReplies, FedAvg):
         """One invariant step on the valid updates, plus ``train_metrics_aggr_fn``'s metrics."""
         keys = list(self._global_arrays.keys())
         median_layers = {i for i, key in enumerate(keys) if key.endswith(self.median_keys)}
-        weights, metrics = self.invariant_config.aggregate(global_weights, updates, median_layers)
+        weights, metrics = self.invariant_config.aggregate(
+            global_weights, updates, median_layers, client_ids=[msg.metadata.src_node_id for msg in messages]
+        )
         return weights, {**metrics, **self.train_metrics(messages)}

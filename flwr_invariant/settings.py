@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from .aggregate import median_of, min_votes, pseudo_gradients, trim_count, trimm
 from .engines import BACKENDS, Engine, select_engine
 from .mask_rules import (
     CLIENT_SELECTING_RULES,
+    CROSS_ROUND_RULES,
     LEAN_HOLDING_RULES,
     MEMORY_KEEPING_RULES,
     PAPER_STEP_RULES,
@@ -115,16 +116,20 @@ class InvariantConfig:
         global_weights: Sequence[np.ndarray],
         updates: Sequence[Sequence[np.ndarray]],
         median_layers: Collection[int] = (),
+        client_ids: Sequence[Hashable] | None = None,
     ) -> tuple[list[np.ndarray], dict[str, float | int]]:
         """One invariant step on valid updates: new weights and ``mask_fraction``, ``trim_count``.
 
         ``median_layers``: indices of floating layers aggregated by coordinate-wise median.
+        ``client_ids``: one stable id per update (e.g. node ids); the rules of
+        :data:`~flwr_invariant.mask_rules.CROSS_ROUND_RULES` need them, the others ignore them.
         """
         self._warn_if_unanimous(len(updates))
         rule_metrics: dict[str, float] = {}
         if self.mask_rule in CLIENT_SELECTING_RULES:
             outside, rule_metrics = self._rule[0].outside_blocs(
-                stacked for _, stacked in _masked_pseudo_gradients(global_weights, updates, median_layers)
+                (stacked for _, stacked in _masked_pseudo_gradients(global_weights, updates, median_layers)),
+                client_ids,
             )
             updates = [update for update, keep in zip(updates, outside, strict=True) if keep]
         if self.mask_rule not in PAPER_STEP_RULES:
@@ -182,6 +187,19 @@ class InvariantConfig:
             "trim_count": trim_count(len(updates), self.trim_ratio),
             **rule_metrics,
         }
+
+    @property
+    def recalled_departures(self) -> dict[Hashable, np.ndarray]:
+        """The cross-round test's memory (:attr:`MaskRule.recalled_departures`); empty for other rules."""
+        return self._rule[0].recalled_departures if self._rule else {}
+
+    def restore_recalled_departures(self, recalled: Mapping[Hashable, np.ndarray]) -> None:
+        """Continue a cross-round rule from ``recalled`` (a saved :attr:`recalled_departures`)."""
+        if self.mask_rule not in CROSS_ROUND_RULES:
+            if recalled:
+                raise ValueError(f"mask_rule={self.mask_rule!r} recalls no clients to restore")
+            return
+        self._rule[0].recalled_departures = recalled
 
     @property
     def mask_memory(self) -> np.ndarray | None:
@@ -246,7 +264,9 @@ class CarriedMaskMemory:
     """Both strategy classes: the state kept across rounds, for round checkpoints.
 
     ``carried_state`` names the attributes to save and set again on resume:
-    ``("mask_memory",)`` with a rule of :data:`~flwr_invariant.mask_rules.MEMORY_KEEPING_RULES`, else none.
+    ``("mask_memory",)`` with a rule of :data:`~flwr_invariant.mask_rules.MEMORY_KEEPING_RULES`,
+    ``("recalled_departures",)`` (per client id) with one of
+    :data:`~flwr_invariant.mask_rules.CROSS_ROUND_RULES`, else none.
     """
 
     invariant_config: InvariantConfig
@@ -254,7 +274,11 @@ class CarriedMaskMemory:
     @property
     def carried_state(self) -> tuple[str, ...]:
         """Attribute names that carry across rounds."""
-        return ("mask_memory",) if self.invariant_config.mask_rule in MEMORY_KEEPING_RULES else ()
+        if self.invariant_config.mask_rule in MEMORY_KEEPING_RULES:
+            return ("mask_memory",)
+        if self.invariant_config.mask_rule in CROSS_ROUND_RULES:
+            return ("recalled_departures",)
+        return ()
 
     @property
     def mask_memory(self) -> np.ndarray | None:
@@ -264,3 +288,12 @@ class CarriedMaskMemory:
     @mask_memory.setter
     def mask_memory(self, state: np.ndarray | None) -> None:
         self.invariant_config.restore_mask_memory(state)
+
+    @property
+    def recalled_departures(self) -> dict[Hashable, np.ndarray]:
+        """Client id -> int8 memory of a cross-round rule (:attr:`InvariantConfig.recalled_departures`)."""
+        return self.invariant_config.recalled_departures
+
+    @recalled_departures.setter
+    def recalled_departures(self, recalled: Mapping[Hashable, np.ndarray]) -> None:
+        self.invariant_config.restore_recalled_departures(recalled)

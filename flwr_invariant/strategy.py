@@ -146,7 +146,10 @@ class InvariantAggregation(CarriedMaskMemory, FedAvg):
         weights, aggregate_metrics = None, {}
         if screened.updates:
             weights, aggregate_metrics = self.invariant_config.aggregate(
-                global_weights, screened.updates, self.median_indices
+                global_weights,
+                screened.updates,
+                self.median_indices,
+                client_ids=[results[i][0].cid for i in screened.accepted],
             )
         outcome = finish_round(server_round, screened, weights, aggregate_metrics)
         metrics: dict[str, Scalar] = {**outcome.metrics, "num_failures": len(failures)}

@@ -9,6 +9,7 @@ import flwr_invariant.strategy
 from flwr_invariant.aggregate import and_mask, invariant_update
 from flwr_invariant.mask_rules import (
     MASK_RULES,
+    RECALL_ROUNDS,
     MaskRule,
     busy_coordinates,
     collusion_weights,
@@ -226,7 +227,8 @@ def test_memory_state_continues_where_it_was_saved() -> None:
 def test_every_rule_gets_the_papers_failure_modes_right(rule: str, tau: float) -> None:
     config = InvariantConfig(tau=tau, trim_ratio=0.2, mask_rule=rule)
     zeros = [np.zeros(2, dtype=np.float32)]
-    new, _ = config.aggregate(zeros, [[-row] for row in FAILURE_MODES])  # w_i = w - g_i
+    clients = [[-row] for row in FAILURE_MODES]  # w_i = w - g_i
+    new, _ = config.aggregate(zeros, clients, client_ids=range(len(clients)))
     step = zeros[0] - new[0]
     assert np.sign(step[0]) == 1.0  # the benign consensus survives the outliers
     assert step[1] == 0.0  # no benign consensus: masked
@@ -399,6 +401,72 @@ def test_persistent_departure_exclusion_continues_from_its_saved_memory() -> Non
     assert (step[:5] != 0).all() and (expected[20][0][:5] == 0).all()  # the memory is what holds them
 
 
+PUSHED = np.arange(0, 400, 10)  # the 40 coordinates (10% of 400) a share of colluders pushes
+
+
+def _split_round(rng: np.random.Generator, honest_ids: range, attacker_id: int | None) -> tuple[list, list]:
+    """One round of ``(updates, ids)`` on a ``(20, 20)`` layer from zero weights.
+
+    Honest pseudo-gradients are ``N(0, 1)``; the attacker, if any, also pushes ``+5`` on
+    :data:`PUSHED`, so those are its largest departures; alone in its round it has no partner.
+    """
+    grads = [rng.standard_normal(400) for _ in honest_ids]
+    ids = list(honest_ids)
+    if attacker_id is not None:
+        pushed = rng.standard_normal(400)
+        pushed[PUSHED] += 5.0
+        grads.append(pushed)
+        ids.append(attacker_id)
+    return [[(-g).reshape(20, 20).astype(np.float32)] for g in grads], ids
+
+
+def test_cross_round_departure_exclusion_finds_colluders_that_never_share_a_round() -> None:
+    rng = np.random.default_rng(12)
+    zeros = [np.zeros((20, 20), dtype=np.float32)]
+    cross = InvariantConfig(tau=0.3, mask_rule="cross-round-departure-exclusion")
+    busy = InvariantConfig(tau=0.3, mask_rule="busy-departure-exclusion")
+    for round_index in range(4):  # a different attacker of the same share every round, new honest ids
+        updates, ids = _split_round(rng, range(100 * round_index, 100 * round_index + 15), 1000 + round_index)
+        _, busy_metrics = busy.aggregate(zeros, updates, client_ids=ids)
+        _, metrics = cross.aggregate(zeros, updates, client_ids=ids)
+        assert busy_metrics["num_bloc_excluded"] == 0  # no partner within the round
+        # from the second round on, the last rounds' attacker is its partner
+        assert metrics["num_bloc_excluded"] == (0 if round_index == 0 else 1)
+    assert sorted(cross.recalled_departures)[-3:] == [1001, 1002, 1003]
+    assert len(cross.recalled_departures) == 3 * 16  # the last RECALL_ROUNDS rounds' clients
+    ages = [memory[0] for memory in cross.recalled_departures.values()]
+    assert sorted(set(ages)) == [1, 2, 3]
+    assert all(memory.dtype == np.int8 for memory in cross.recalled_departures.values())
+
+    with pytest.raises(ValueError, match="'cross-round-departure-exclusion' needs one id per client"):
+        cross.aggregate(zeros, updates)
+
+
+def test_cross_round_departure_exclusion_never_compares_a_client_with_its_own_past() -> None:
+    rng = np.random.default_rng(13)
+    zeros = [np.zeros((20, 20), dtype=np.float32)]
+    updates, ids = _split_round(rng, range(15), 7)
+    for returning_id, excluded in ((7, 0), (8, 1)):  # the same client again; another with its update
+        cross = InvariantConfig(tau=0.3, mask_rule="cross-round-departure-exclusion")
+        cross.aggregate(zeros, updates, client_ids=ids)
+        again, again_ids = _split_round(rng, range(100, 115), None)
+        _, metrics = cross.aggregate(zeros, [*again, updates[-1]], client_ids=[*again_ids, returning_id])
+        assert metrics["num_bloc_excluded"] == excluded
+
+
+def test_cross_round_departure_exclusion_forgets_after_recall_rounds() -> None:
+    rng = np.random.default_rng(14)
+    zeros = [np.zeros((20, 20), dtype=np.float32)]
+    for gap, excluded in ((RECALL_ROUNDS - 1, 1), (RECALL_ROUNDS, 0)):  # rounds without an attacker between
+        cross = InvariantConfig(tau=0.3, mask_rule="cross-round-departure-exclusion")
+        rounds = [_split_round(rng, range(15), 1000)]
+        rounds += [_split_round(rng, range(100 * k, 100 * k + 15), None) for k in range(1, gap + 1)]
+        rounds.append(_split_round(rng, range(900, 915), 2000))
+        for updates, ids in rounds:
+            _, metrics = cross.aggregate(zeros, updates, client_ids=ids)
+        assert metrics["num_bloc_excluded"] == excluded
+
+
 def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
     rule = MaskRule("bloc-exclusion", 0.6)
     a, b = np.sign(np.random.default_rng(2).normal(size=(2, 64)))
@@ -431,7 +499,7 @@ def test_strategies_take_and_validate_mask_rule(cls) -> None:
         match=(
             "mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion, "
             "departure-exclusion, busy-bloc-exclusion, busy-departure-exclusion, "
-            "persistent-departure-exclusion; got 'x'"
+            "persistent-departure-exclusion, cross-round-departure-exclusion; got 'x'"
         ),
     ):
         cls(mask_rule="x")
