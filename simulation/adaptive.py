@@ -57,7 +57,9 @@ __all__ = [
     "flat_update",
     "mask_tipping_update",
     "neurotoxin_hook",
+    "rotating_share",
     "set_flat_update_",
+    "split_evasion_update",
     "top_coordinates",
 ]
 
@@ -192,3 +194,10 @@ def split_evasion_update(
     share = torch.arange(backdoor.numel()) % parts == part
     kept = top_coordinates(torch.where(share, backdoor - mean, 0.0), keep) & share
     return torch.where(kept, backdoor, mean), kept
+
+
+def rotating_share(rank: int, server_round: int, parts: int, rotation: int) -> tuple[int, int]:
+    """``(part, parts * rotation)``: the :func:`split_evasion_update` share of the colluder of pool
+    rank ``rank`` in ``server_round``, whose group of ``parts`` shares changes every round and
+    repeats every ``rotation`` rounds."""
+    return rank % parts + parts * (server_round % rotation), parts * rotation

@@ -12,8 +12,8 @@ after every optimizer step, :meth:`~Attack.finish` on the trained model. Modes:
 - ``"pgd-replace"``: PGD, then the update ``w - w_global`` is multiplied by
   ``total / attacker_examples`` (model replacement; see
   :func:`simulation.attacks.replacement_factor`).
-- ``"alie"``, ``"neurotoxin"``, ``"mask-tipping"``, ``"bloc-evasion"``, ``"split-evasion"``: attackers
-  that know the defense;
+- ``"alie"``, ``"neurotoxin"``, ``"mask-tipping"``, ``"bloc-evasion"``, ``"split-evasion"``,
+  ``"rotating-evasion"``: attackers that know the defense;
   they first train benign estimates on their own clean data (see :mod:`simulation.adaptive`).
 - ``"dba"``, ``"f3ba"``, ``"a3fl"`` (``backdoor = "pixel"``): attacks with a trigger of their
   own (:mod:`simulation.triggers`): DBA's distributed trigger (:mod:`simulation.dba`),
@@ -97,6 +97,8 @@ class AttackContext:
     pool_rank : int
         Its index in the malicious pool (:func:`simulation.partition.malicious_pool`), which
         colluders use to share work out.
+    server_round : int
+        The round it attacks in (colluders that rotate their shares use it).
     """
 
     model: nn.Module
@@ -112,6 +114,7 @@ class AttackContext:
     trigger: Trigger | None = None
     num_backdoor: int = 0
     pool_rank: int = 0
+    server_round: int = 0
 
 
 class Attack:
@@ -292,6 +295,22 @@ class SplitEvasion(EstimatingAttack):
         adaptive.set_flat_update_(context.model, context.reference, update)
 
 
+class RotatingEvasion(EstimatingAttack):
+    """:class:`SplitEvasion` over ``evasion-parts * evasion-rotation`` shares, a different group of
+    ``evasion-parts`` every round (:func:`simulation.adaptive.rotating_share`)."""
+
+    name = "rotating-evasion"
+
+    def finish(self) -> None:
+        context, config = self.context, self.context.config
+        backdoor = adaptive.flat_update(context.model, context.reference)
+        part, parts = adaptive.rotating_share(
+            context.pool_rank, context.server_round, config["evasion-parts"], config["evasion-rotation"]
+        )
+        update, _ = adaptive.split_evasion_update(backdoor, self.benign, config["evasion-keep"], part, parts)
+        adaptive.set_flat_update_(context.model, context.reference, update)
+
+
 class DBA(Attack):
     """Plain training on backdoor samples stamped with this attacker's part of the
     distributed trigger (which part: :func:`simulation.dba.attacker_part`)."""
@@ -386,6 +405,7 @@ ATTACKERS: dict[str, type[Attack]] = {
         MaskTipping,
         BlocEvasion,
         SplitEvasion,
+        RotatingEvasion,
         DBA,
         F3BA,
         A3FL,

@@ -101,7 +101,8 @@ DEFAULTS: dict[str, Any] = {
     "weight-decay": 0.0,
     "eval-batch-size": 512,
     # attack
-    # none | blackbox | pgd | pgd-replace | alie | neurotoxin | mask-tipping | dba | f3ba | a3fl
+    # none | blackbox | pgd | pgd-replace | alie | neurotoxin | mask-tipping | bloc-evasion |
+    # split-evasion | rotating-evasion | dba | f3ba | a3fl
     "attack": "blackbox",
     "backdoor": "edge-case",  # edge-case | pixel (BadNets-style trigger; "trigger" is another name for it)
     "attack-schedule": "pool",  # pool (fixed malicious pool) | every-k (one attacker every k rounds)
@@ -119,7 +120,8 @@ DEFAULTS: dict[str, Any] = {
     "adaptive-z": 1.0,  # alie: stay within mean +- z * std of the benign estimates
     "neurotoxin-top": 0.1,  # neurotoxin: fraction of most-updated coordinates the attacker leaves alone
     "evasion-keep": 0.1,  # bloc-/split-evasion: fraction of coordinates that carry the poisoned update
-    "evasion-parts": 4,  # split-evasion: shares the colluders split the coordinates into (by pool rank)
+    "evasion-parts": 4,  # split-/rotating-evasion: shares of a round's colluders (by pool rank)
+    "evasion-rotation": 4,  # rotating-evasion: rounds before a group of shares is used again
     "dba-parts": 4,  # dba: local triggers (bars of trigger-size pixels) the global trigger is split into
     "trigger-epochs": 1,  # f3ba, a3fl: passes of trigger optimisation over the attacker's images per round
     "trigger-lr": 0.02,  # f3ba, a3fl: sign-gradient step of the trigger, in pixel units ([0, 1])
@@ -156,6 +158,7 @@ ATTACKS = (
     "mask-tipping",
     "bloc-evasion",
     "split-evasion",
+    "rotating-evasion",
     "dba",
     "f3ba",
     "a3fl",
@@ -222,6 +225,7 @@ _POSITIVE_INT = (
     "adaptive-estimates",
     "dba-parts",
     "evasion-parts",
+    "evasion-rotation",
     "trigger-epochs",
     "sent140-vocab-size",
     "sent140-seq-length",

@@ -245,7 +245,7 @@ def local_update(
         )
         context = AttackContext(
             model, reference, task, x, y, poisoned_x, poisoned_y, config, seed, train_fn, stamp, num_bad,
-            pool_rank=malicious_pool(config).index(partition_id),
+            pool_rank=malicious_pool(config).index(partition_id), server_round=server_round,
         )  # fmt: skip
         attacker = make_attacker(context)
         attacker.before()

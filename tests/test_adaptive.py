@@ -60,7 +60,18 @@ def test_split_evasion_keeps_its_backdoor_only_on_its_share_of_the_coordinates()
         adaptive.split_evasion_update(backdoor, benign, keep=0.25, part=2, parts=2)
 
 
-@pytest.mark.parametrize("mode", ["alie", "neurotoxin", "bloc-evasion", "split-evasion"])
+def test_rotating_share_keeps_colluders_of_different_rounds_apart_for_a_rotation():
+    assert adaptive.rotating_share(rank=0, server_round=0, parts=4, rotation=4) == (0, 16)
+    assert adaptive.rotating_share(rank=5, server_round=1, parts=4, rotation=4) == (5, 16)
+    assert adaptive.rotating_share(rank=3, server_round=6, parts=4, rotation=4) == (11, 16)
+    assert adaptive.rotating_share(rank=3, server_round=10, parts=4, rotation=4) == (11, 16)
+    # every rank of four consecutive rounds: shares of different rounds never meet
+    window = [{adaptive.rotating_share(r, t, 4, 4)[0] for r in range(20)} for t in range(7, 11)]
+    assert all(window[i].isdisjoint(window[j]) for i in range(4) for j in range(i))
+    assert adaptive.rotating_share(rank=2, server_round=9, parts=3, rotation=1) == (2, 3)  # split-evasion
+
+
+@pytest.mark.parametrize("mode", ["alie", "neurotoxin", "bloc-evasion", "split-evasion", "rotating-evasion"])
 def test_adaptive_attackers_train_for_real(mode):
     config = resolve_config(LINEAR, {"attack": mode, "neurotoxin-top": 0.5, "evasion-keep": 0.25})
     attacker = attacker_partitions(5, 0.4, config["seed"], "pool")[0]
@@ -91,6 +102,26 @@ def test_split_evasion_takes_its_share_from_its_rank_in_the_malicious_pool(monke
     for partition in pool:
         local_update(config, partition, 1, global_state)
     assert parts == [(rank % 2, 2) for rank in range(len(pool))]
+
+
+def test_rotating_evasion_takes_its_share_from_its_pool_rank_and_the_round(monkeypatch):
+    config = resolve_config(LINEAR, {"attack": "rotating-evasion", "evasion-parts": 2, "evasion-rotation": 3})
+    pool = attacker_partitions(5, 0.4, config["seed"], "pool")
+    task = load_task(config)
+    global_state = model_for(task, config).state_dict()
+    parts = []
+    real = adaptive.split_evasion_update
+
+    def recording(backdoor, benign, keep, part, num_parts):
+        parts.append((part, num_parts))
+        return real(backdoor, benign, keep, part, num_parts)
+
+    monkeypatch.setattr(adaptive, "split_evasion_update", recording)
+    for server_round in (1, 2, 3):
+        for partition in pool:
+            local_update(config, partition, server_round, global_state)
+    expected = [(rank % 2 + 2 * (t % 3), 6) for t in (1, 2, 3) for rank in range(len(pool))]
+    assert parts == expected
 
 
 def test_mask_tipping_spends_its_votes_where_colluders_reach_the_threshold():

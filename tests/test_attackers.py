@@ -121,6 +121,9 @@ PINNED_RESULTS = {
     # computed when it was added: pool rank 0 keeps only coordinates 0, 4, 8, ...; one of the two
     # trigger weights is among them
     "split-evasion": (0.49969418346881866, 4.645575523376465, 1.5052391290664673),
+    # computed when it was added: in round 1 pool rank 0 keeps only coordinates 4, 20, 36 (share 4
+    # of 16); the trigger weight at 20 is among them, as it is for split-evasion
+    "rotating-evasion": (0.49969418346881866, 4.662761211395264, 1.5052391290664673),
 }
 
 
