@@ -86,11 +86,12 @@ def test_adaptive_attackers_train_for_real(mode):
     assert not benign.attacking
 
 
-def test_split_evasion_takes_its_share_from_its_rank_in_the_malicious_pool(monkeypatch):
-    config = resolve_config(LINEAR, {"attack": "split-evasion", "evasion-parts": 2})
+def _shares_taken(monkeypatch, overrides: dict, rounds: tuple[int, ...]) -> tuple[list, int]:
+    """The ``(part, parts)`` every attacker of the pool passes to ``split_evasion_update``, round by
+    round (pool order within a round), and the pool size."""
+    config = resolve_config(LINEAR, overrides)
     pool = attacker_partitions(5, 0.4, config["seed"], "pool")
-    task = load_task(config)
-    global_state = model_for(task, config).state_dict()
+    global_state = model_for(load_task(config), config).state_dict()
     parts = []
     real = adaptive.split_evasion_update
 
@@ -99,29 +100,21 @@ def test_split_evasion_takes_its_share_from_its_rank_in_the_malicious_pool(monke
         return real(backdoor, benign, keep, part, num_parts)
 
     monkeypatch.setattr(adaptive, "split_evasion_update", recording)
-    for partition in pool:
-        local_update(config, partition, 1, global_state)
-    assert parts == [(rank % 2, 2) for rank in range(len(pool))]
+    for server_round in rounds:
+        for partition in pool:
+            local_update(config, partition, server_round, global_state)
+    return parts, len(pool)
+
+
+def test_split_evasion_takes_its_share_from_its_rank_in_the_malicious_pool(monkeypatch):
+    parts, size = _shares_taken(monkeypatch, {"attack": "split-evasion", "evasion-parts": 2}, (1,))
+    assert parts == [(rank % 2, 2) for rank in range(size)]
 
 
 def test_rotating_evasion_takes_its_share_from_its_pool_rank_and_the_round(monkeypatch):
-    config = resolve_config(LINEAR, {"attack": "rotating-evasion", "evasion-parts": 2, "evasion-rotation": 3})
-    pool = attacker_partitions(5, 0.4, config["seed"], "pool")
-    task = load_task(config)
-    global_state = model_for(task, config).state_dict()
-    parts = []
-    real = adaptive.split_evasion_update
-
-    def recording(backdoor, benign, keep, part, num_parts):
-        parts.append((part, num_parts))
-        return real(backdoor, benign, keep, part, num_parts)
-
-    monkeypatch.setattr(adaptive, "split_evasion_update", recording)
-    for server_round in (1, 2, 3):
-        for partition in pool:
-            local_update(config, partition, server_round, global_state)
-    expected = [(rank % 2 + 2 * (t % 3), 6) for t in (1, 2, 3) for rank in range(len(pool))]
-    assert parts == expected
+    overrides = {"attack": "rotating-evasion", "evasion-parts": 2, "evasion-rotation": 3}
+    parts, size = _shares_taken(monkeypatch, overrides, (1, 2, 3))
+    assert parts == [(rank % 2 + 2 * (t % 3), 6) for t in (1, 2, 3) for rank in range(size)]
 
 
 def test_mask_tipping_spends_its_votes_where_colluders_reach_the_threshold():
