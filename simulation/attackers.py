@@ -285,30 +285,30 @@ class SplitEvasion(EstimatingAttack):
 
     name = "split-evasion"
 
+    def share(self) -> tuple[int, int]:
+        """``(part, parts)``: this attacker's share of the coordinates this round."""
+        parts = self.context.config["evasion-parts"]
+        return self.context.pool_rank % parts, parts
+
     def finish(self) -> None:
         context, config = self.context, self.context.config
         backdoor = adaptive.flat_update(context.model, context.reference)
-        parts = config["evasion-parts"]
-        update, _ = adaptive.split_evasion_update(
-            backdoor, self.benign, config["evasion-keep"], context.pool_rank % parts, parts
-        )
+        part, parts = self.share()
+        update, _ = adaptive.split_evasion_update(backdoor, self.benign, config["evasion-keep"], part, parts)
         adaptive.set_flat_update_(context.model, context.reference, update)
 
 
-class RotatingEvasion(EstimatingAttack):
+class RotatingEvasion(SplitEvasion):
     """:class:`SplitEvasion` over ``evasion-parts * evasion-rotation`` shares, a different group of
     ``evasion-parts`` every round (:func:`simulation.adaptive.rotating_share`)."""
 
     name = "rotating-evasion"
 
-    def finish(self) -> None:
+    def share(self) -> tuple[int, int]:
         context, config = self.context, self.context.config
-        backdoor = adaptive.flat_update(context.model, context.reference)
-        part, parts = adaptive.rotating_share(
+        return adaptive.rotating_share(
             context.pool_rank, context.server_round, config["evasion-parts"], config["evasion-rotation"]
         )
-        update, _ = adaptive.split_evasion_update(backdoor, self.benign, config["evasion-keep"], part, parts)
-        adaptive.set_flat_update_(context.model, context.reference, update)
 
 
 class DBA(Attack):

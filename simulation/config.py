@@ -119,7 +119,7 @@ DEFAULTS: dict[str, Any] = {
     "adaptive-estimates": 3,  # estimating attacks: benign updates the attacker trains first
     "adaptive-z": 1.0,  # alie: stay within mean +- z * std of the benign estimates
     "neurotoxin-top": 0.1,  # neurotoxin: fraction of most-updated coordinates the attacker leaves alone
-    "evasion-keep": 0.1,  # bloc-/split-evasion: fraction of coordinates that carry the poisoned update
+    "evasion-keep": 0.1,  # the evasion attacks: fraction of coordinates carrying the poisoned update
     "evasion-parts": 4,  # split-/rotating-evasion: shares of a round's colluders (by pool rank)
     "evasion-rotation": 4,  # rotating-evasion: rounds before a group of shares is used again
     "dba-parts": 4,  # dba: local triggers (bars of trigger-size pixels) the global trigger is split into
