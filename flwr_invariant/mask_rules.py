@@ -47,13 +47,19 @@ The other rules change how votes count; each returns, per layer, a step scale in
   compares this round's clients with the other clients of the last ``RECALL_ROUNDS`` rounds
   (:meth:`MaskRule.outside_blocs` with client ids; a client is never compared with its own past).
   Colluders that share a backdoor's coordinates out so that no two depart together in a round
-  (``split-evasion``) still depart where their predecessors of the same share did.
+  (``split-evasion``) still depart where their predecessors of the same share did;
+- ``"record-departure-exclusion"``: ``"cross-round-departure-exclusion"``, and a record per client id
+  of the rounds it took part in and the rounds that test flagged it: a client flagged unusually
+  often (:func:`unusual_records`) sits out every round from then on. Attackers stand out most while
+  the backdoor is not yet learned; once it is partly in, their updates look like everyone's and a
+  test of one round stops finding them, but their record keeps them out.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -77,6 +83,10 @@ __all__ = [
     "PAPER_STEP_RULES",
     "QUIET_HOLDING_RULES",
     "RECALL_ROUNDS",
+    "RECORD_ALPHA",
+    "RECORD_KEEPING_RULES",
+    "RECORD_MIN_SAMPLED",
+    "binomial_tail",
     "busy_coordinates",
     "collusion_weights",
     "departure_agreement",
@@ -85,31 +95,34 @@ __all__ = [
     "hold_quiet_coordinates",
     "outlier_threshold",
     "sign_agreement",
+    "unusual_records",
     "weighted_consistency",
 ]
 
 MASK_RULES = (
     "paper", "soft-margin", "collusion", "memory",
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
-    "persistent-departure-exclusion", "cross-round-departure-exclusion",
+    "persistent-departure-exclusion", "cross-round-departure-exclusion", "record-departure-exclusion",
 )  # fmt: skip
 #: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) before the step.
 CLIENT_SELECTING_RULES = (
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
-    "persistent-departure-exclusion", "cross-round-departure-exclusion",
+    "persistent-departure-exclusion", "cross-round-departure-exclusion", "record-departure-exclusion",
 )  # fmt: skip
 #: Rules whose exclusion test compares the clients' largest departures (:func:`departure_agreement`).
 DEPARTURE_TESTING_RULES = (
     "departure-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion",
-    "cross-round-departure-exclusion",
+    "cross-round-departure-exclusion", "record-departure-exclusion",
 )  # fmt: skip
 #: Rules that then hold the quiet coordinates (:func:`hold_quiet_coordinates`).
 QUIET_HOLDING_RULES = (
     "busy-bloc-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion",
-    "cross-round-departure-exclusion",
+    "cross-round-departure-exclusion", "record-departure-exclusion",
 )  # fmt: skip
 #: Rules whose departure test also compares the clients of recent rounds (needs client ids).
-CROSS_ROUND_RULES = ("cross-round-departure-exclusion",)
+CROSS_ROUND_RULES = ("cross-round-departure-exclusion", "record-departure-exclusion")
+#: Rules that keep a record of each client's flags and exclude the unusual (:attr:`MaskRule.flag_record`).
+RECORD_KEEPING_RULES = ("record-departure-exclusion",)
 #: Rules that also hold coordinates whose extreme departures lean one way (:meth:`MaskRule.steady_leans`).
 LEAN_HOLDING_RULES = ("persistent-departure-exclusion",)
 #: Rules that keep a memory across rounds (:attr:`MaskRule.memory_state`; checkpointed).
@@ -122,6 +135,8 @@ DEPARTURE_SHARE = 0.1  # of each layer's coordinates: a client's largest departu
 LEAN_DECAY = 0.95  # weight of the previous rounds' leans: a memory of about 20 rounds
 RECALL_ROUNDS = 3  # rounds whose clients the cross-round test remembers
 LEAN_Z = 4.0  # standard deviations of a coin-flip lean's memory; about 6e-5 of them pass it
+RECORD_ALPHA = 1e-3  # chance that a client flagged at the typical rate has a record as unusual
+RECORD_MIN_SAMPLED = 5  # rounds a client takes part in before its record is judged
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")
@@ -318,6 +333,47 @@ def hold_quiet_coordinates(
     return held, (kept / total if total else 1.0)
 
 
+def binomial_tail(count: int, trials: int, rate: float) -> float:
+    """``P(X >= count)`` for ``X ~ Binomial(trials, rate)``, ``0 < rate < 1`` (summed in log space)."""
+    log_rate, log_miss = math.log(rate), math.log1p(-rate)
+    return sum(
+        math.exp(
+            math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+            + k * log_rate + (trials - k) * log_miss
+        )
+        for k in range(max(count, 0), trials + 1)
+    )  # fmt: skip
+
+
+def unusual_records(
+    sampled: np.ndarray,
+    flagged: np.ndarray,
+    alpha: float = RECORD_ALPHA,
+    min_sampled: int = RECORD_MIN_SAMPLED,
+) -> np.ndarray:
+    """``(K,)`` bool: the clients flagged unusually often, from ``(K,)`` counts of rounds taken part, flagged.
+
+    The typical rate ``p`` is the median over the clients with at least ``min_sampled`` rounds (at
+    least 3 of them, else no client is unusual) of Jeffreys' estimate ``(flagged + 1/2) / (sampled +
+    1)``, never 0 or 1; client k is unusual when ``sampled_k >= min_sampled`` and a client flagged at
+    rate ``p`` would be flagged ``flagged_k`` times or more with probability at most ``alpha``
+    (:func:`binomial_tail`). The median, not the pooled rate, so a minority flagged in most rounds
+    does not raise the bar it is judged by.
+    """
+    sampled, flagged = np.asarray(sampled, dtype=np.int64), np.asarray(flagged, dtype=np.int64)
+    judged = sampled >= min_sampled
+    if judged.sum() < 3:
+        return np.zeros(sampled.shape, dtype=bool)
+    rate = float(np.median((flagged[judged] + 0.5) / (sampled[judged] + 1.0)))
+    return np.array(
+        [
+            bool(is_judged) and binomial_tail(int(f), int(n), rate) <= alpha
+            for is_judged, f, n in zip(judged, flagged, sampled, strict=True)
+        ],
+        dtype=bool,
+    )
+
+
 def weighted_consistency(stacked: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``|sum_i w_i sign(x_i)| / sum_i w_i`` per coordinate, float64 of ``stacked.shape[1:]``."""
     signs = np.sign(np.asarray(stacked)).astype(np.float64)
@@ -343,6 +399,7 @@ class MaskRule:
         self._memory_count = 0.0
         self._restored: np.ndarray | None = None  # memory_state set before the layer shapes are known
         self._recalled: dict[Hashable, np.ndarray] = {}  # client id -> int8 [rounds ago, *departure signs]
+        self._record: dict[Hashable, np.ndarray] = {}  # client id -> int64 [sampled, flagged, excluded]
 
     @property
     def memory_state(self) -> np.ndarray | None:
@@ -403,6 +460,20 @@ class MaskRule:
     def recalled_departures(self, recalled: Mapping[Hashable, np.ndarray]) -> None:
         self._recalled = {key: np.asarray(value, dtype=np.int8) for key, value in recalled.items()}
 
+    @property
+    def flag_record(self) -> dict[Hashable, np.ndarray]:
+        """A record-keeping rule's memory: client id -> int64 ``[rounds taken part, flagged, excluded]``.
+
+        ``excluded`` is 1 once the record stood out (:func:`unusual_records`): the client sits out
+        every later round. Empty before the first round and for other rules; setting it (e.g. from
+        a checkpoint) continues from there.
+        """
+        return {key: value.copy() for key, value in self._record.items()}
+
+    @flag_record.setter
+    def flag_record(self, record: Mapping[Hashable, np.ndarray]) -> None:
+        self._record = {key: np.asarray(value, dtype=np.int64).copy() for key, value in record.items()}
+
     def outside_blocs(
         self, layers: Iterable[np.ndarray], client_ids: Sequence[Hashable] | None = None
     ) -> tuple[np.ndarray, dict[str, float]]:
@@ -412,19 +483,44 @@ class MaskRule:
         :func:`departure_agreement` for :data:`DEPARTURE_TESTING_RULES`, else
         :func:`sign_agreement`; :data:`CROSS_ROUND_RULES` also look for partners among the other
         clients of the last ``RECALL_ROUNDS`` rounds, which needs ``client_ids`` (N stable ids, e.g.
-        node ids). Also returns ``num_bloc_excluded``. When fewer than 2 clients would remain,
-        every client is kept (a round needs a spread of values; the metric still counts the
-        flagged ones).
+        node ids); :data:`RECORD_KEEPING_RULES` also leave out the clients whose record stands out
+        (:meth:`_excluded_by_record`). Also returns ``num_bloc_excluded`` (flagged this round) and,
+        for record-keeping rules, ``num_record_excluded`` (left out by their record alone) and
+        ``num_record_banned`` (every client excluded for good so far). When fewer than 2 clients
+        would remain, every client is kept (a round needs a spread of values; the metrics still
+        count the excluded ones).
         """
         if self.name in CROSS_ROUND_RULES:
-            outside = ~self._partnered_across_rounds(layers, client_ids)
+            flagged = self._partnered_across_rounds(layers, client_ids)
         else:
             similarity = departure_agreement if self.name in DEPARTURE_TESTING_RULES else sign_agreement
-            outside = collusion_weights(*similarity(layers)) == 1.0
-        excluded = int((~outside).sum())
+            flagged = collusion_weights(*similarity(layers)) < 1.0
+        metrics: dict[str, float] = {"num_bloc_excluded": int(flagged.sum())}
+        outside = ~flagged
+        if self.name in RECORD_KEEPING_RULES:
+            by_record = self._excluded_by_record(client_ids, flagged)
+            outside &= ~by_record
+            metrics["num_record_excluded"] = int((by_record & ~flagged).sum())
+            metrics["num_record_banned"] = sum(int(value[2]) for value in self._record.values())
         if outside.sum() < 2:
             outside = np.ones_like(outside)
-        return outside, {"num_bloc_excluded": excluded}
+        return outside, metrics
+
+    def _excluded_by_record(self, client_ids: Sequence[Hashable], flagged: np.ndarray) -> np.ndarray:
+        """``(N,)`` bool: the round's clients whose record stands out, this round's flags counted.
+
+        Adds the round to every client's record; a client once unusual stays excluded.
+        """
+        for key, hit in zip(client_ids, flagged, strict=True):
+            sampled, times, banned = self._record.get(key, np.zeros(3, dtype=np.int64))
+            self._record[key] = np.array([sampled + 1, times + int(hit), banned], dtype=np.int64)
+        keys = list(self._record)
+        counts = np.stack([self._record[key] for key in keys])
+        unusual = unusual_records(counts[:, 0], counts[:, 1])
+        for key, now in zip(keys, unusual, strict=True):
+            if now:
+                self._record[key][2] = 1
+        return np.array([self._record[key][2] == 1 for key in client_ids])
 
     def _partnered_across_rounds(
         self, layers: Iterable[np.ndarray], client_ids: Sequence[Hashable] | None

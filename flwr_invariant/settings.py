@@ -24,6 +24,7 @@ from .mask_rules import (
     MEMORY_KEEPING_RULES,
     PAPER_STEP_RULES,
     QUIET_HOLDING_RULES,
+    RECORD_KEEPING_RULES,
     MaskRule,
     hold_quiet_coordinates,
 )
@@ -202,6 +203,19 @@ class InvariantConfig:
         self._rule[0].recalled_departures = recalled
 
     @property
+    def flag_record(self) -> dict[Hashable, np.ndarray]:
+        """A record-keeping rule's memory (:attr:`MaskRule.flag_record`); empty for other rules."""
+        return self._rule[0].flag_record if self._rule else {}
+
+    def restore_flag_record(self, record: Mapping[Hashable, np.ndarray]) -> None:
+        """Continue a record-keeping rule from ``record`` (a saved :attr:`flag_record`)."""
+        if self.mask_rule not in RECORD_KEEPING_RULES:
+            if record:
+                raise ValueError(f"mask_rule={self.mask_rule!r} keeps no flag record to restore")
+            return
+        self._rule[0].flag_record = record
+
+    @property
     def mask_memory(self) -> np.ndarray | None:
         """A memory-keeping rule's state across rounds (:attr:`MaskRule.memory_state`); else ``None``."""
         return self._rule[0].memory_state if self._rule else None
@@ -266,7 +280,8 @@ class CarriedMaskMemory:
     ``carried_state`` names the attributes to save and set again on resume:
     ``("mask_memory",)`` with a rule of :data:`~flwr_invariant.mask_rules.MEMORY_KEEPING_RULES`,
     ``("recalled_departures",)`` (per client id) with one of
-    :data:`~flwr_invariant.mask_rules.CROSS_ROUND_RULES`, else none.
+    :data:`~flwr_invariant.mask_rules.CROSS_ROUND_RULES`, and ``"flag_record"`` (per client id)
+    too with one of :data:`~flwr_invariant.mask_rules.RECORD_KEEPING_RULES`, else none.
     """
 
     invariant_config: InvariantConfig
@@ -276,6 +291,8 @@ class CarriedMaskMemory:
         """Attribute names that carry across rounds."""
         if self.invariant_config.mask_rule in MEMORY_KEEPING_RULES:
             return ("mask_memory",)
+        if self.invariant_config.mask_rule in RECORD_KEEPING_RULES:
+            return ("recalled_departures", "flag_record")
         if self.invariant_config.mask_rule in CROSS_ROUND_RULES:
             return ("recalled_departures",)
         return ()
@@ -297,3 +314,12 @@ class CarriedMaskMemory:
     @recalled_departures.setter
     def recalled_departures(self, recalled: Mapping[Hashable, np.ndarray]) -> None:
         self.invariant_config.restore_recalled_departures(recalled)
+
+    @property
+    def flag_record(self) -> dict[Hashable, np.ndarray]:
+        """Client id -> int64 record of a record-keeping rule (:attr:`InvariantConfig.flag_record`)."""
+        return self.invariant_config.flag_record
+
+    @flag_record.setter
+    def flag_record(self, record: Mapping[Hashable, np.ndarray]) -> None:
+        self.invariant_config.restore_flag_record(record)

@@ -78,7 +78,7 @@ def test_registry_names_every_defense_of_the_issue():
         "robust-lr", "invariant-collusion", "invariant-soft-margin", "invariant-memory",
         "invariant-bloc-exclusion", "invariant-departure-exclusion", "invariant-busy-bloc-exclusion",
         "invariant-busy-departure-exclusion", "invariant-persistent-departure-exclusion",
-        "invariant-cross-round-departure-exclusion",
+        "invariant-cross-round-departure-exclusion", "invariant-record-departure-exclusion",
         "fltrust", "deepsight", "alignins", "crfl", "multi-metrics",
     }  # fmt: skip
     _, collusion = baselines.DEFENSES["invariant-collusion"]({"tau": 0.7})

@@ -10,12 +10,15 @@ from flwr_invariant.aggregate import and_mask, invariant_update
 from flwr_invariant.mask_rules import (
     MASK_RULES,
     RECALL_ROUNDS,
+    RECORD_MIN_SAMPLED,
     MaskRule,
+    binomial_tail,
     busy_coordinates,
     collusion_weights,
     departure_agreement,
     extreme_lean,
     sign_agreement,
+    unusual_records,
     weighted_consistency,
 )
 from flwr_invariant.settings import InvariantConfig
@@ -467,6 +470,97 @@ def test_cross_round_departure_exclusion_forgets_after_recall_rounds() -> None:
         assert metrics["num_bloc_excluded"] == excluded
 
 
+def test_binomial_tail_by_hand() -> None:
+    assert binomial_tail(2, 2, 0.5) == pytest.approx(0.25)
+    assert binomial_tail(1, 3, 0.2) == pytest.approx(1 - 0.8**3)
+    assert binomial_tail(4, 5, 0.4) == pytest.approx(5 * 0.4**4 * 0.6 + 0.4**5)
+    assert binomial_tail(0, 7, 0.3) == pytest.approx(1.0)
+    assert binomial_tail(300, 300, 0.5) == pytest.approx(0.5**300)  # no overflow of comb(n, k) in log space
+
+
+def test_unusual_records_by_hand() -> None:
+    sampled = np.array([10, 10, 10, 10, 10, 4])
+    flagged = np.array([3, 4, 3, 9, 2, 4])
+    # Jeffreys' rates 3.5/11, 4.5/11, 3.5/11, 9.5/11, 2.5/11 (the last has too few rounds): median 3.5/11
+    assert binomial_tail(9, 10, 3.5 / 11) < 1e-3 < binomial_tail(4, 10, 3.5 / 11)
+    assert unusual_records(sampled, flagged).tolist() == [False, False, False, True, False, False]
+    assert unusual_records(sampled, flagged, alpha=1e-5).tolist() == [False] * 6  # tail ~1.2e-4
+    assert unusual_records(sampled[:2], flagged[:2]).tolist() == [False, False]  # fewer than 3 judged
+    # never flagged elsewhere: the typical rate is 0.5 / 6, not 0, so one flag is not yet unusual
+    assert unusual_records([5, 5, 5, 5], [0, 0, 0, 1]).tolist() == [False] * 4
+    assert unusual_records([5, 5, 5, 5], [0, 0, 0, 4]).tolist() == [False, False, False, True]
+
+
+def _bloc_round(rng: np.random.Generator, honest_ids: range, bloc_ids: list[int], push: bool) -> tuple:
+    """One round of ``(updates, ids)`` on a ``(20, 20)`` layer from zero weights.
+
+    Honest pseudo-gradients are ``N(0, 1)``; the bloc's too, plus ``+5`` on :data:`PUSHED` when
+    ``push``: then its members depart together and the pairwise test flags them.
+    """
+    grads, ids = [], [*honest_ids, *bloc_ids]
+    for client in ids:
+        grad = rng.standard_normal(400)
+        if push and client in bloc_ids:
+            grad[PUSHED] += 5.0
+        grads.append(grad)
+    return [[(-g).reshape(20, 20).astype(np.float32)] for g in grads], ids
+
+
+def test_record_departure_exclusion_keeps_a_flagged_bloc_out_once_it_looks_honest() -> None:
+    rng = np.random.default_rng(21)
+    zeros = [np.zeros((20, 20), dtype=np.float32)]
+    record = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    cross = InvariantConfig(tau=0.3, mask_rule="cross-round-departure-exclusion")
+    bloc = [1000, 1001]
+    for _ in range(RECORD_MIN_SAMPLED):  # the bloc pushes together: flagged every round
+        updates, ids = _bloc_round(rng, range(15), bloc, push=True)
+        _, metrics = record.aggregate(zeros, updates, client_ids=ids)
+        cross.aggregate(zeros, updates, client_ids=ids)
+        assert metrics["num_bloc_excluded"] >= 2
+        assert metrics["num_record_excluded"] == 0
+    assert metrics["num_record_banned"] == 2  # 5 flags in 5 rounds, the others' typical rate about 0.1
+    assert record.flag_record[1000].tolist() == [5, 5, 1] and record.flag_record[1001].tolist() == [5, 5, 1]
+    assert all(record.flag_record[client][2] == 0 for client in range(15))
+
+    updates, ids = _bloc_round(rng, range(15), bloc, push=False)  # now the bloc sends honest-looking updates
+    _, cross_metrics = cross.aggregate(zeros, updates, client_ids=ids)
+    new, metrics = record.aggregate(zeros, updates, client_ids=ids)
+    assert (
+        cross_metrics["num_bloc_excluded"] == metrics["num_bloc_excluded"]
+    )  # the round's test finds no bloc
+    assert metrics["num_bloc_excluded"] == 0 and metrics["num_record_excluded"] == 2  # the record does
+    honest_only, _ = InvariantConfig(tau=0.3, mask_rule="busy-departure-exclusion").aggregate(
+        zeros, updates[:15]
+    )
+    np.testing.assert_array_equal(new[0], honest_only[0])
+    assert record.flag_record[1000].tolist() == [6, 5, 1]
+
+
+def test_record_departure_exclusion_continues_from_its_saved_record() -> None:
+    rng = np.random.default_rng(22)
+    rounds = [_bloc_round(rng, range(15), [1000, 1001], push=k < 5) for k in range(8)]
+    zeros = [np.zeros((20, 20), dtype=np.float32)]
+    whole = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    expected = [whole.aggregate(zeros, updates, client_ids=ids) for updates, ids in rounds]
+
+    first = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    for updates, ids in rounds[:5]:
+        first.aggregate(zeros, updates, client_ids=ids)
+    resumed = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    resumed.restore_recalled_departures(first.recalled_departures)
+    resumed.restore_flag_record(first.flag_record)
+    forgetful = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    forgetful.restore_recalled_departures(first.recalled_departures)
+    for (updates, ids), (want, want_metrics) in zip(rounds[5:], expected[5:], strict=True):
+        got, metrics = resumed.aggregate(zeros, updates, client_ids=ids)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert metrics == want_metrics and metrics["num_record_excluded"] == 2
+        assert forgetful.aggregate(zeros, updates, client_ids=ids)[1]["num_record_excluded"] == 0
+    with pytest.raises(ValueError, match="keeps no flag record"):
+        InvariantConfig(mask_rule="cross-round-departure-exclusion").restore_flag_record(first.flag_record)
+    InvariantConfig(mask_rule="paper").restore_flag_record({})  # nothing to restore is fine
+
+
 def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
     rule = MaskRule("bloc-exclusion", 0.6)
     a, b = np.sign(np.random.default_rng(2).normal(size=(2, 64)))
@@ -499,7 +593,8 @@ def test_strategies_take_and_validate_mask_rule(cls) -> None:
         match=(
             "mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion, "
             "departure-exclusion, busy-bloc-exclusion, busy-departure-exclusion, "
-            "persistent-departure-exclusion, cross-round-departure-exclusion; got 'x'"
+            "persistent-departure-exclusion, cross-round-departure-exclusion, record-departure-exclusion; "
+            "got 'x'"
         ),
     ):
         cls(mask_rule="x")
