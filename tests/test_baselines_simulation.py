@@ -35,6 +35,9 @@ def test_every_defense_runs_two_rounds_by_name():
     for rule in CLIENT_SELECTING_RULES:
         name = f"invariant-{rule}"
         assert records[name]["rounds"][1]["train_num_bloc_excluded"] >= 0
+    # no client has taken part in 5 rounds yet, so no record is judged
+    record_round = records["invariant-record-departure-exclusion"]["rounds"][2]
+    assert record_round["train_num_record_excluded"] == record_round["train_num_record_banned"] == 0
     assert (
         0.0
         <= records["invariant-persistent-departure-exclusion"]["rounds"][1]["train_lean_held_fraction"]
