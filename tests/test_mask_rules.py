@@ -407,20 +407,24 @@ def test_persistent_departure_exclusion_continues_from_its_saved_memory() -> Non
 PUSHED = np.arange(0, 400, 10)  # the 40 coordinates (10% of 400) a share of colluders pushes
 
 
-def _split_round(rng: np.random.Generator, honest_ids: range, attacker_id: int | None) -> tuple[list, list]:
+def _bloc_round(rng: np.random.Generator, honest_ids: range, bloc_ids: list[int], push: bool) -> tuple:
     """One round of ``(updates, ids)`` on a ``(20, 20)`` layer from zero weights.
 
-    Honest pseudo-gradients are ``N(0, 1)``; the attacker, if any, also pushes ``+5`` on
-    :data:`PUSHED`, so those are its largest departures; alone in its round it has no partner.
+    Honest pseudo-gradients are ``N(0, 1)``; the bloc's too, plus ``+5`` on :data:`PUSHED` when
+    ``push``: then its members depart together and the pairwise test flags them.
     """
-    grads = [rng.standard_normal(400) for _ in honest_ids]
-    ids = list(honest_ids)
-    if attacker_id is not None:
-        pushed = rng.standard_normal(400)
-        pushed[PUSHED] += 5.0
-        grads.append(pushed)
-        ids.append(attacker_id)
+    grads, ids = [], [*honest_ids, *bloc_ids]
+    for client in ids:
+        grad = rng.standard_normal(400)
+        if push and client in bloc_ids:
+            grad[PUSHED] += 5.0
+        grads.append(grad)
     return [[(-g).reshape(20, 20).astype(np.float32)] for g in grads], ids
+
+
+def _split_round(rng: np.random.Generator, honest_ids: range, attacker_id: int | None) -> tuple[list, list]:
+    """One :func:`_bloc_round` with at most one attacker: alone in its round, it has no partner."""
+    return _bloc_round(rng, honest_ids, [] if attacker_id is None else [attacker_id], push=True)
 
 
 def test_cross_round_departure_exclusion_finds_colluders_that_never_share_a_round() -> None:
@@ -489,21 +493,6 @@ def test_unusual_records_by_hand() -> None:
     # never flagged elsewhere: the typical rate is 0.5 / 6, not 0, so one flag is not yet unusual
     assert unusual_records([5, 5, 5, 5], [0, 0, 0, 1]).tolist() == [False] * 4
     assert unusual_records([5, 5, 5, 5], [0, 0, 0, 4]).tolist() == [False, False, False, True]
-
-
-def _bloc_round(rng: np.random.Generator, honest_ids: range, bloc_ids: list[int], push: bool) -> tuple:
-    """One round of ``(updates, ids)`` on a ``(20, 20)`` layer from zero weights.
-
-    Honest pseudo-gradients are ``N(0, 1)``; the bloc's too, plus ``+5`` on :data:`PUSHED` when
-    ``push``: then its members depart together and the pairwise test flags them.
-    """
-    grads, ids = [], [*honest_ids, *bloc_ids]
-    for client in ids:
-        grad = rng.standard_normal(400)
-        if push and client in bloc_ids:
-            grad[PUSHED] += 5.0
-        grads.append(grad)
-    return [[(-g).reshape(20, 20).astype(np.float32)] for g in grads], ids
 
 
 def test_record_departure_exclusion_keeps_a_flagged_bloc_out_once_it_looks_honest() -> None:
