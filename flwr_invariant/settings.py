@@ -196,11 +196,7 @@ class InvariantConfig:
 
     def restore_recalled_departures(self, recalled: Mapping[Hashable, np.ndarray]) -> None:
         """Continue a cross-round rule from ``recalled`` (a saved :attr:`recalled_departures`)."""
-        if self.mask_rule not in CROSS_ROUND_RULES:
-            if recalled:
-                raise ValueError(f"mask_rule={self.mask_rule!r} recalls no clients to restore")
-            return
-        self._rule[0].recalled_departures = recalled
+        self._restore_rule_state("recalled_departures", recalled, CROSS_ROUND_RULES, "recalls no clients")
 
     @property
     def flag_record(self) -> dict[Hashable, np.ndarray]:
@@ -209,11 +205,7 @@ class InvariantConfig:
 
     def restore_flag_record(self, record: Mapping[Hashable, np.ndarray]) -> None:
         """Continue a record-keeping rule from ``record`` (a saved :attr:`flag_record`)."""
-        if self.mask_rule not in RECORD_KEEPING_RULES:
-            if record:
-                raise ValueError(f"mask_rule={self.mask_rule!r} keeps no flag record to restore")
-            return
-        self._rule[0].flag_record = record
+        self._restore_rule_state("flag_record", record, RECORD_KEEPING_RULES, "keeps no flag record")
 
     @property
     def mask_memory(self) -> np.ndarray | None:
@@ -222,11 +214,15 @@ class InvariantConfig:
 
     def restore_mask_memory(self, state: np.ndarray | None) -> None:
         """Continue a memory-keeping rule from ``state`` (a saved :attr:`mask_memory`)."""
-        if self.mask_rule not in MEMORY_KEEPING_RULES:
-            if state is not None:
-                raise ValueError(f"mask_rule={self.mask_rule!r} keeps no mask memory to restore")
+        self._restore_rule_state("memory_state", state, MEMORY_KEEPING_RULES, "keeps no mask memory")
+
+    def _restore_rule_state(self, name: str, state: Any, rules: Collection[str], lacks: str) -> None:
+        """Set the rule's ``name``; ``ValueError`` if the rule ``lacks`` it and ``state`` has some."""
+        if self.mask_rule not in rules:
+            if state is not None and (not isinstance(state, Mapping) or state):
+                raise ValueError(f"mask_rule={self.mask_rule!r} {lacks} to restore")
             return
-        self._rule[0].memory_state = state
+        setattr(self._rule[0], name, state)
 
     def _warn_if_unanimous(self, num_clients: int) -> None:
         """One warning (per settings object) the first time ``tau`` demands every client's vote."""
