@@ -318,10 +318,11 @@ def test_a_failing_run_raises_with_the_end_of_flowers_log(tmp_path):
         launcher.run(config, progress=False)
 
 
-COMMITTED_GRIDS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+ROOT = Path(__file__).parents[1]
+COMMITTED_GRIDS = sorted([*(ROOT / "configs").glob("*.toml"), *(ROOT / "docs" / "results").rglob("*.toml")])
 
 
-@pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", COMMITTED_GRIDS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_committed_grid_file_is_valid(path):
     spec = load_grid(path)
     assert spec.runs(), f"{path.name} defines no runs"
