@@ -4,48 +4,106 @@ Reads the run's last round checkpoint (its ``flag_record``, saved per partition)
 malicious pool (``simulation.partition.malicious_pool``), and prints, for attackers and honest
 clients apart, how many were excluded for good and their rounds taken part and flagged.
 
-    python docs/results/screen_record_exclusion/banned_clients.py RUN_DIR [RUN_DIR ...]
+With ``--what-if`` it also prints whom other tests of the same final records would judge unusual
+(records as they stand at that round, not replayed round by round): the rule's binomial test at
+1e-3 and at 1e-6, and a beta-binomial test whose rate distribution is fitted (method of moments) to
+the judged clients below the 80th percentile of rates, at 1e-3 and 1e-6. The beta-binomial allows
+for honest clients that differ in how often they are flagged.
+
+    python docs/results/screen_record_exclusion/banned_clients.py [--what-if] RUN_DIR [RUN_DIR ...]
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from flwr_invariant.mask_rules import RECORD_MIN_SAMPLED, unusual_records
 from simulation.checkpoint import read_checkpoint
 from simulation.partition import malicious_pool
 
 
-def summary(run_dir: Path) -> str:
-    """One paragraph on ``run_dir``: its round, then attackers' and honest clients' records."""
+def read_records(run_dir: Path) -> tuple[int, dict[int, np.ndarray], set[int], int] | None:
+    """``(round, partition -> [taken part, flagged, excluded], attackers, partitions)``, or ``None``."""
     config = json.loads((run_dir / "config.json").read_text())["run"]
     checkpoint = read_checkpoint(run_dir / "checkpoint", config)
     if checkpoint is None:
-        return f"{run_dir.name}: no checkpoint"
+        return None
     prefix = "strategy/flag_record/"
     records = {
-        int(key[len(prefix) :]): value
+        int(key[len(prefix) :]): np.asarray(value)
         for key, value in checkpoint.strategy_arrays.items()
         if key.startswith(prefix)
     }
-    attackers = set(malicious_pool(config))
-    lines = [f"{run_dir.name}, round {checkpoint.server_round}:"]
-    for label, group in (
-        ("attackers", attackers),
-        ("honest", set(range(config["num-partitions"])) - attackers),
-    ):
+    return checkpoint.server_round, records, set(malicious_pool(config)), config["num-partitions"]
+
+
+def beta_binomial_tail(count: int, trials: int, a: float, b: float) -> float:
+    """``P(X >= count)`` for ``X ~ BetaBinomial(trials, a, b)`` (log space; numpy has no beta-binomial)."""
+
+    def log_beta(x: float, y: float) -> float:
+        return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
+
+    return sum(
+        math.exp(
+            math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+            + log_beta(k + a, trials - k + b) - log_beta(a, b)
+        )
+        for k in range(max(count, 0), trials + 1)
+    )  # fmt: skip
+
+
+def what_if(sampled: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray]:
+    """Test name -> ``(K,)`` bool of the clients that test judges unusual, from ``(K,)`` counts."""
+    judged = sampled >= RECORD_MIN_SAMPLED
+    rates = (flagged + 0.5) / (sampled + 1.0)
+    typical = rates[judged][rates[judged] <= np.quantile(rates[judged], 0.8)]
+    mean, variance = float(typical.mean()), float(typical.var())
+    spread = max(mean * (1 - mean) / max(variance, 1e-9) - 1, 1e-3)  # a + b of the fitted Beta
+    a, b = mean * spread, (1 - mean) * spread
+    tails = [beta_binomial_tail(int(f), int(n), a, b) for f, n in zip(flagged, sampled, strict=True)]
+    fit = f"mean {mean:.2f}, sd {math.sqrt(variance):.2f}"
+    return {
+        "binomial, 1e-3 (the rule)": unusual_records(sampled, flagged),
+        "binomial, 1e-6": unusual_records(sampled, flagged, alpha=1e-6),
+        f"beta-binomial ({fit}), 1e-3": judged & (np.array(tails) <= 1e-3),
+        f"beta-binomial ({fit}), 1e-6": judged & (np.array(tails) <= 1e-6),
+    }
+
+
+def summary(run_dir: Path, with_what_if: bool = False) -> str:
+    """One paragraph on ``run_dir``: its round, then attackers' and honest clients' records."""
+    read = read_records(run_dir)
+    if read is None:
+        return f"{run_dir.name}: no checkpoint"
+    server_round, records, attackers, num_partitions = read
+    lines = [f"{run_dir.name}, round {server_round}:"]
+    for label, group in (("attackers", attackers), ("honest", set(range(num_partitions)) - attackers)):
         rows = np.array([records[p] for p in sorted(group) if p in records]).reshape(-1, 3)
         rate = rows[:, 1].sum() / max(rows[:, 0].sum(), 1)
         lines.append(
             f"  {label}: {int(rows[:, 2].sum())} of {len(group)} excluded for good; "
             f"{len(rows)} took part, flagged in {rate:.2f} of their rounds"
         )
+    if with_what_if:
+        ids = sorted(records)
+        counts = np.stack([records[p] for p in ids])
+        is_attacker = np.array([p in attackers for p in ids])
+        for name, unusual in what_if(counts[:, 0], counts[:, 1]).items():
+            lines.append(
+                f"  what if {name}: {int((unusual & is_attacker).sum())} attackers, "
+                f"{int((unusual & ~is_attacker).sum())} honest clients"
+            )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    for argument in sys.argv[1:]:
-        print(summary(Path(argument)))
+    arguments = sys.argv[1:]
+    show_what_if = "--what-if" in arguments
+    for argument in arguments:
+        if argument != "--what-if":
+            print(summary(Path(argument), show_what_if))
