@@ -2,7 +2,8 @@
 
 Reads the run's last round checkpoint (its ``flag_record``, saved per partition) and the run's
 malicious pool (``simulation.partition.malicious_pool``), and prints, for attackers and honest
-clients apart, how many were excluded for good and their rounds taken part and flagged.
+clients apart, how many were excluded for good, the share of their rounds flagged, and the spread
+of that share over the clients.
 
 With ``--what-if`` it also prints whom other tests of the same final records would judge unusual
 (records as they stand at that round, not replayed round by round): the rule's binomial test at
@@ -85,9 +86,12 @@ def summary(run_dir: Path, with_what_if: bool = False) -> str:
     for label, group in (("attackers", attackers), ("honest", set(range(num_partitions)) - attackers)):
         rows = np.array([records[p] for p in sorted(group) if p in records]).reshape(-1, 3)
         rate = rows[:, 1].sum() / max(rows[:, 0].sum(), 1)
+        each = np.quantile(rows[:, 1] / np.maximum(rows[:, 0], 1), [0, 0.5, 0.9, 1])
         lines.append(
             f"  {label}: {int(rows[:, 2].sum())} of {len(group)} excluded for good; "
-            f"{len(rows)} took part, flagged in {rate:.2f} of their rounds"
+            f"{len(rows)} took part, flagged in {rate:.2f} of their rounds "
+            f"(each's rate: min {each[0]:.2f}, median {each[1]:.2f}, "
+            f"90th percentile {each[2]:.2f}, max {each[3]:.2f})"
         )
     if with_what_if:
         ids = sorted(records)
