@@ -66,13 +66,14 @@ def what_if(sampled: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray]:
     mean, variance = float(typical.mean()), float(typical.var())
     spread = max(mean * (1 - mean) / max(variance, 1e-9) - 1, 1e-3)  # a + b of the fitted Beta
     a, b = mean * spread, (1 - mean) * spread
-    tails = [beta_binomial_tail(int(f), int(n), a, b) for f, n in zip(flagged, sampled, strict=True)]
+    pairs = zip(flagged, sampled, strict=True)
+    tails = np.array([beta_binomial_tail(int(f), int(n), a, b) for f, n in pairs])
     fit = f"mean {mean:.2f}, sd {math.sqrt(variance):.2f}"
     return {
         "binomial, 1e-3 (the rule)": unusual_records(sampled, flagged),
         "binomial, 1e-6": unusual_records(sampled, flagged, alpha=1e-6),
-        f"beta-binomial ({fit}), 1e-3": judged & (np.array(tails) <= 1e-3),
-        f"beta-binomial ({fit}), 1e-6": judged & (np.array(tails) <= 1e-6),
+        f"beta-binomial ({fit}), 1e-3": judged & (tails <= 1e-3),
+        f"beta-binomial ({fit}), 1e-6": judged & (tails <= 1e-6),
     }
 
 
