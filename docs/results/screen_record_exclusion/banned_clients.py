@@ -61,8 +61,8 @@ def beta_binomial_tail(count: int, trials: int, a: float, b: float) -> float:
 def what_if(sampled: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray]:
     """Test name -> ``(K,)`` bool of the clients that test judges unusual, from ``(K,)`` counts."""
     judged = sampled >= RECORD_MIN_SAMPLED
-    rates = (flagged + 0.5) / (sampled + 1.0)
-    typical = rates[judged][rates[judged] <= np.quantile(rates[judged], 0.8)]
+    rates = ((flagged + 0.5) / (sampled + 1.0))[judged]
+    typical = rates[rates <= np.quantile(rates, 0.8)]
     mean, variance = float(typical.mean()), float(typical.var())
     spread = max(mean * (1 - mean) / max(variance, 1e-9) - 1, 1e-3)  # a + b of the fitted Beta
     a, b = mean * spread, (1 - mean) * spread
