@@ -52,7 +52,14 @@ The other rules change how votes count; each returns, per layer, a step scale in
   of the rounds it took part in and the rounds that test flagged it: a client flagged unusually
   often (:func:`unusual_records`) sits out every round from then on. Attackers stand out most while
   the backdoor is not yet learned; once it is partly in, their updates look like everyone's and a
-  test of one round stops finding them, but their record keeps them out.
+  test of one round stops finding them, but their record keeps them out;
+- ``"record-partial-exclusion"``: ``"record-departure-exclusion"``, but a client this round's test
+  flags, and its record has not excluded, sits out only on its largest departures, the coordinates
+  the test compared (:meth:`MaskRule.without_departures`: there its values are the global weights, so
+  it casts no vote and steps 0); the rest of its update counts. About half of a round's flagged
+  clients are honest, and excluding them whole is where the exclusion rules lose accuracy
+  (docs/results/README.md); a bloc's shared push is in those largest departures, and a client the
+  test flags round after round is still excluded whole by its record.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
@@ -81,6 +88,7 @@ __all__ = [
     "MEMORY_DECAY",
     "MaskRule",
     "PAPER_STEP_RULES",
+    "PARTIAL_EXCLUDING_RULES",
     "QUIET_HOLDING_RULES",
     "RECALL_ROUNDS",
     "RECORD_ALPHA",
@@ -103,26 +111,30 @@ MASK_RULES = (
     "paper", "soft-margin", "collusion", "memory",
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
     "persistent-departure-exclusion", "cross-round-departure-exclusion", "record-departure-exclusion",
+    "record-partial-exclusion",
 )  # fmt: skip
 #: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) before the step.
 CLIENT_SELECTING_RULES = (
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
     "persistent-departure-exclusion", "cross-round-departure-exclusion", "record-departure-exclusion",
+    "record-partial-exclusion",
 )  # fmt: skip
 #: Rules whose exclusion test compares the clients' largest departures (:func:`departure_agreement`).
 DEPARTURE_TESTING_RULES = (
     "departure-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion",
-    "cross-round-departure-exclusion", "record-departure-exclusion",
+    "cross-round-departure-exclusion", "record-departure-exclusion", "record-partial-exclusion",
 )  # fmt: skip
 #: Rules that then hold the quiet coordinates (:func:`hold_quiet_coordinates`).
 QUIET_HOLDING_RULES = (
     "busy-bloc-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion",
-    "cross-round-departure-exclusion", "record-departure-exclusion",
+    "cross-round-departure-exclusion", "record-departure-exclusion", "record-partial-exclusion",
 )  # fmt: skip
-#: Rules whose departure test also compares the clients of recent rounds (needs client ids).
-CROSS_ROUND_RULES = ("cross-round-departure-exclusion", "record-departure-exclusion")
 #: Rules that keep a record of each client's flags and exclude the unusual (:attr:`MaskRule.flag_record`).
-RECORD_KEEPING_RULES = ("record-departure-exclusion",)
+RECORD_KEEPING_RULES = ("record-departure-exclusion", "record-partial-exclusion")
+#: Rules whose departure test also compares the clients of recent rounds (needs client ids).
+CROSS_ROUND_RULES = ("cross-round-departure-exclusion", *RECORD_KEEPING_RULES)
+#: Rules that exclude a flagged client only on its largest departures (:meth:`MaskRule.without_departures`).
+PARTIAL_EXCLUDING_RULES = ("record-partial-exclusion",)
 #: Rules that also hold coordinates whose extreme departures lean one way (:meth:`MaskRule.steady_leans`).
 LEAN_HOLDING_RULES = ("persistent-departure-exclusion",)
 #: Rules that keep a memory across rounds (:attr:`MaskRule.memory_state`; checkpointed).
@@ -400,6 +412,8 @@ class MaskRule:
         self._restored: np.ndarray | None = None  # memory_state set before the layer shapes are known
         self._recalled: dict[Hashable, np.ndarray] = {}  # client id -> int8 [rounds ago, *departure signs]
         self._record: dict[Hashable, np.ndarray] = {}  # client id -> int64 [sampled, flagged, excluded]
+        self._departures = np.zeros((0, 0), dtype=np.int8)  # this round's departure signs, (N, P)
+        self._partly_excluded = np.zeros(0, dtype=bool)  # this round's clients left out on their departures
 
     @property
     def memory_state(self) -> np.ndarray | None:
@@ -484,11 +498,13 @@ class MaskRule:
         :func:`sign_agreement`; :data:`CROSS_ROUND_RULES` also look for partners among the other
         clients of the last ``RECALL_ROUNDS`` rounds, which needs ``client_ids`` (N stable ids, e.g.
         node ids); :data:`RECORD_KEEPING_RULES` also leave out the clients whose record stands out
-        (:meth:`_excluded_by_record`). Also returns ``num_bloc_excluded`` (flagged this round) and,
+        (:meth:`_excluded_by_record`). :data:`PARTIAL_EXCLUDING_RULES` keep the flagged clients whose
+        record has not excluded them, to be left out on their largest departures only
+        (:meth:`without_departures`). Also returns ``num_bloc_excluded`` (flagged this round) and,
         for record-keeping rules, ``num_record_excluded`` (left out by their record alone) and
-        ``num_record_banned`` (every client excluded for good so far). When fewer than 2 clients
-        would remain, every client is kept (a round needs a spread of values; the metrics still
-        count the excluded ones).
+        ``num_record_banned`` (every client excluded for good so far), and for partially excluding
+        rules ``num_partly_excluded``. When fewer than 2 clients would remain, every client is kept
+        (a round needs a spread of values; the metrics still count the excluded ones).
         """
         if self.name in CROSS_ROUND_RULES:
             flagged = self._partnered_across_rounds(layers, client_ids)
@@ -496,15 +512,47 @@ class MaskRule:
             similarity = departure_agreement if self.name in DEPARTURE_TESTING_RULES else sign_agreement
             flagged = collusion_weights(*similarity(layers)) < 1.0
         metrics: dict[str, float] = {"num_bloc_excluded": int(flagged.sum())}
-        outside = ~flagged
+        partial = self.name in PARTIAL_EXCLUDING_RULES
+        outside = np.ones_like(flagged) if partial else ~flagged
         if self.name in RECORD_KEEPING_RULES:
             by_record = self._excluded_by_record(client_ids, flagged)
             outside &= ~by_record
             metrics["num_record_excluded"] = int((by_record & ~flagged).sum())
             metrics["num_record_banned"] = sum(int(value[2]) for value in self._record.values())
+        if partial:
+            self._partly_excluded = flagged & outside
+            metrics["num_partly_excluded"] = int(self._partly_excluded.sum())
         if outside.sum() < 2:
             outside = np.ones_like(outside)
         return outside, metrics
+
+    def without_departures(
+        self,
+        global_weights: Sequence[np.ndarray],
+        updates: Sequence[Sequence[np.ndarray]],
+        tested_layers: Sequence[int],
+    ) -> list[Sequence[np.ndarray]]:
+        """``updates`` with the partly excluded clients' largest departures put back to ``global_weights``.
+
+        Call after :meth:`outside_blocs` on the same round's ``updates`` (client i's arrays, the
+        layer shapes of ``global_weights``); ``tested_layers``: the indices of the layers it was
+        given, in order. The other clients' updates are returned as they are; inputs are not modified.
+        """
+        if len(self._partly_excluded) != len(updates):
+            raise ValueError(
+                f"without_departures got {len(updates)} updates; "
+                f"the round's test saw {len(self._partly_excluded)}"
+            )
+        result = list(updates)
+        for row in np.flatnonzero(self._partly_excluded):
+            departed, update, start = self._departures[row] != 0, list(updates[row]), 0
+            for index in tested_layers:
+                w = global_weights[index]
+                held = departed[start : start + w.size].reshape(w.shape)
+                update[index] = np.where(held, w, np.asarray(update[index], dtype=w.dtype))
+                start += w.size
+            result[row] = update
+        return result
 
     def _excluded_by_record(self, client_ids: Sequence[Hashable], flagged: np.ndarray) -> np.ndarray:
         """``(N,)`` bool: the round's clients whose record stands out, this round's flags counted.
@@ -531,6 +579,7 @@ class MaskRule:
         ``RECALL_ROUNDS``.
         """
         signs, count = departure_signs(layers)
+        self._departures = signs
         if client_ids is None or len(client_ids) != len(signs):
             raise ValueError(
                 f"mask_rule {self.name!r} needs one id per client to compare them across rounds; "

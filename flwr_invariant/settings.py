@@ -23,6 +23,7 @@ from .mask_rules import (
     LEAN_HOLDING_RULES,
     MEMORY_KEEPING_RULES,
     PAPER_STEP_RULES,
+    PARTIAL_EXCLUDING_RULES,
     QUIET_HOLDING_RULES,
     RECORD_KEEPING_RULES,
     MaskRule,
@@ -132,6 +133,10 @@ class InvariantConfig:
                 (stacked for _, stacked in _masked_pseudo_gradients(global_weights, updates, median_layers)),
                 client_ids,
             )
+            if self.mask_rule in PARTIAL_EXCLUDING_RULES:
+                updates = self._rule[0].without_departures(
+                    global_weights, updates, _masked_layers(global_weights, median_layers)
+                )
             updates = [update for update, keep in zip(updates, outside, strict=True) if keep]
         if self.mask_rule not in PAPER_STEP_RULES:
             weights, metrics = self._aggregate_by_rule(global_weights, updates, median_layers)
@@ -265,9 +270,15 @@ def _masked_pseudo_gradients(
     median_layers: Collection[int],
 ) -> Iterator[tuple[int, np.ndarray]]:
     """``(index, (N, *shape) pseudo-gradients)`` of each floating layer outside ``median_layers``."""
-    for index, w in enumerate(global_weights):
-        if w.dtype.kind == "f" and index not in median_layers:
-            yield index, pseudo_gradients(w, [update[index] for update in updates])
+    for index in _masked_layers(global_weights, median_layers):
+        yield index, pseudo_gradients(global_weights[index], [update[index] for update in updates])
+
+
+def _masked_layers(global_weights: Sequence[np.ndarray], median_layers: Collection[int]) -> list[int]:
+    """Indices of the floating layers outside ``median_layers``: the layers the mask and trim step."""
+    return [
+        index for index, w in enumerate(global_weights) if w.dtype.kind == "f" and index not in median_layers
+    ]
 
 
 class CarriedMaskMemory:

@@ -10,13 +10,16 @@ from flwr_invariant.aggregate import and_mask, invariant_update
 from flwr_invariant.mask_rules import (
     MASK_RULES,
     RECALL_ROUNDS,
+    RECORD_KEEPING_RULES,
     RECORD_MIN_SAMPLED,
     MaskRule,
     binomial_tail,
     busy_coordinates,
     collusion_weights,
     departure_agreement,
+    departure_signs,
     extreme_lean,
+    hold_quiet_coordinates,
     sign_agreement,
     unusual_records,
     weighted_consistency,
@@ -495,10 +498,11 @@ def test_unusual_records_by_hand() -> None:
     assert unusual_records([5, 5, 5, 5], [0, 0, 0, 4]).tolist() == [False, False, False, True]
 
 
-def test_record_departure_exclusion_keeps_a_flagged_bloc_out_once_it_looks_honest() -> None:
+@pytest.mark.parametrize("rule", RECORD_KEEPING_RULES)
+def test_record_rules_keep_a_flagged_bloc_out_once_it_looks_honest(rule: str) -> None:
     rng = np.random.default_rng(21)
     zeros = [np.zeros((20, 20), dtype=np.float32)]
-    record = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    record = InvariantConfig(tau=0.3, mask_rule=rule)
     cross = InvariantConfig(tau=0.3, mask_rule="cross-round-departure-exclusion")
     bloc = [1000, 1001]
     for _ in range(RECORD_MIN_SAMPLED):  # the bloc pushes together: flagged every round
@@ -525,20 +529,21 @@ def test_record_departure_exclusion_keeps_a_flagged_bloc_out_once_it_looks_hones
     assert record.flag_record[1000].tolist() == [6, 5, 1]
 
 
-def test_record_departure_exclusion_continues_from_its_saved_record() -> None:
+@pytest.mark.parametrize("rule", RECORD_KEEPING_RULES)
+def test_record_rules_continue_from_their_saved_record(rule: str) -> None:
     rng = np.random.default_rng(22)
     rounds = [_bloc_round(rng, range(15), [1000, 1001], push=k < 5) for k in range(8)]
     zeros = [np.zeros((20, 20), dtype=np.float32)]
-    whole = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    whole = InvariantConfig(tau=0.3, mask_rule=rule)
     expected = [whole.aggregate(zeros, updates, client_ids=ids) for updates, ids in rounds]
 
-    first = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    first = InvariantConfig(tau=0.3, mask_rule=rule)
     for updates, ids in rounds[:5]:
         first.aggregate(zeros, updates, client_ids=ids)
-    resumed = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    resumed = InvariantConfig(tau=0.3, mask_rule=rule)
     resumed.restore_recalled_departures(first.recalled_departures)
     resumed.restore_flag_record(first.flag_record)
-    forgetful = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion")
+    forgetful = InvariantConfig(tau=0.3, mask_rule=rule)
     forgetful.restore_recalled_departures(first.recalled_departures)
     for (updates, ids), (want, want_metrics) in zip(rounds[5:], expected[5:], strict=True):
         got, metrics = resumed.aggregate(zeros, updates, client_ids=ids)
@@ -548,6 +553,55 @@ def test_record_departure_exclusion_continues_from_its_saved_record() -> None:
     with pytest.raises(ValueError, match="keeps no flag record"):
         InvariantConfig(mask_rule="cross-round-departure-exclusion").restore_flag_record(first.flag_record)
     InvariantConfig(mask_rule="paper").restore_flag_record({})  # nothing to restore is fine
+
+
+def test_record_partial_exclusion_leaves_a_flagged_client_out_on_its_largest_departures_only() -> None:
+    rng = np.random.default_rng(23)
+    updates, ids = _bloc_round(rng, range(15), [1000, 1001], push=True)
+    # two more layers between and after: integer (a median, not tested) and floating (tested)
+    updates = [
+        [u[0], np.arange(4) + k % 3, rng.standard_normal(30).astype(np.float32)]
+        for k, u in enumerate(updates)
+    ]
+    global_weights = [np.zeros((20, 20), dtype=np.float32), np.arange(4), np.zeros(30, dtype=np.float32)]
+    tested = [0, 2]
+
+    rule = MaskRule("record-partial-exclusion", 0.3)
+    stacks = [-np.stack([u[i] for u in updates]) for i in tested]
+    outside, metrics = rule.outside_blocs(stacks, ids)
+    assert outside.all()  # no record yet: every client takes part, the flagged ones in part
+    assert metrics["num_bloc_excluded"] == metrics["num_partly_excluded"] >= 2
+    departed = departure_signs(stacks)[0] != 0  # (17, 430): each client's largest 10% per layer
+    held = rule.without_departures(global_weights, updates, tested)
+    flagged = [row for row in range(17) if held[row] is not updates[row]]
+    assert len(flagged) == metrics["num_bloc_excluded"] and {15, 16} <= set(flagged)
+    for row in flagged:
+        for index, start, stop in ((0, 0, 400), (2, 400, 430)):
+            got, sent = held[row][index].ravel(), updates[row][index].ravel()
+            np.testing.assert_array_equal(got[departed[row, start:stop]], 0.0)  # the global weights there
+            np.testing.assert_array_equal(got[~departed[row, start:stop]], sent[~departed[row, start:stop]])
+        assert held[row][1] is updates[row][1]
+    for row in (15, 16):  # the bloc's shared push is held back (all but the odd noisier honest coordinate)
+        assert (held[row][0].ravel()[PUSHED] == 0).mean() >= 0.9
+    assert (updates[15][0].ravel()[PUSHED] != 0).all()  # inputs are not modified
+
+    # the strategy's step: the paper's on the held updates, quiet coordinates held
+    new, metrics = InvariantConfig(tau=0.3, mask_rule="record-partial-exclusion").aggregate(
+        global_weights, updates, client_ids=ids
+    )
+    stepped, _ = invariant_update(global_weights, held, tau=0.3, trim_ratio=0.45)
+    expected, fraction = hold_quiet_coordinates(
+        global_weights, stepped, ((i, -np.stack([u[i] for u in held])) for i in tested), 0.3
+    )
+    for a, b in zip(new, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert metrics["mask_fraction"] == fraction and metrics["trim_count"] == 8  # of all 17
+    whole, whole_metrics = InvariantConfig(tau=0.3, mask_rule="record-departure-exclusion").aggregate(
+        global_weights, updates, client_ids=ids
+    )
+    assert whole_metrics["trim_count"] < metrics["trim_count"]  # the whole rule left the flagged out
+    with pytest.raises(ValueError, match="without_departures got 3 updates; the round's test saw 17"):
+        rule.without_departures(global_weights, updates[:3], tested)
 
 
 def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
@@ -582,8 +636,8 @@ def test_strategies_take_and_validate_mask_rule(cls) -> None:
         match=(
             "mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion, "
             "departure-exclusion, busy-bloc-exclusion, busy-departure-exclusion, "
-            "persistent-departure-exclusion, cross-round-departure-exclusion, record-departure-exclusion; "
-            "got 'x'"
+            "persistent-departure-exclusion, cross-round-departure-exclusion, record-departure-exclusion, "
+            "record-partial-exclusion; got 'x'"
         ),
     ):
         cls(mask_rule="x")
