@@ -59,7 +59,12 @@ The other rules change how votes count; each returns, per layer, a step scale in
   it casts no vote and steps 0); the rest of its update counts. About half of a round's flagged
   clients are honest, and excluding them whole is where the exclusion rules lose accuracy
   (docs/results/README.md); a bloc's shared push is in those largest departures, and a client the
-  test flags round after round is still excluded whole by its record.
+  test flags round after round is still excluded whole by its record;
+- ``"record-repeat-exclusion"``: ``"record-partial-exclusion"``, but a client the test also flagged
+  the last round it took part in sits out whole. Partial exclusion let a black-box pool's backdoor
+  through before the record caught it (docs/results/screen_partial_exclusion): an attacker is
+  flagged every round it takes part in, an honest client about a third of its rounds, so a repeated
+  flag leaves the attackers out whole from their second round on and most honest clients in part.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
 """
@@ -93,6 +98,7 @@ __all__ = [
     "RECALL_ROUNDS",
     "RECORD_ALPHA",
     "RECORD_KEEPING_RULES",
+    "REPEAT_EXCLUDING_RULES",
     "RECORD_MIN_SAMPLED",
     "binomial_tail",
     "busy_coordinates",
@@ -107,34 +113,34 @@ __all__ = [
     "weighted_consistency",
 ]
 
+#: Rules that keep a record of each client's flags and exclude the unusual (:attr:`MaskRule.flag_record`).
+RECORD_KEEPING_RULES = ("record-departure-exclusion", "record-partial-exclusion", "record-repeat-exclusion")
 MASK_RULES = (
     "paper", "soft-margin", "collusion", "memory",
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
-    "persistent-departure-exclusion", "cross-round-departure-exclusion", "record-departure-exclusion",
-    "record-partial-exclusion",
+    "persistent-departure-exclusion", "cross-round-departure-exclusion", *RECORD_KEEPING_RULES,
 )  # fmt: skip
 #: Rules that pick the round's clients (:meth:`MaskRule.outside_blocs`) before the step.
 CLIENT_SELECTING_RULES = (
     "bloc-exclusion", "departure-exclusion", "busy-bloc-exclusion", "busy-departure-exclusion",
-    "persistent-departure-exclusion", "cross-round-departure-exclusion", "record-departure-exclusion",
-    "record-partial-exclusion",
+    "persistent-departure-exclusion", "cross-round-departure-exclusion", *RECORD_KEEPING_RULES,
 )  # fmt: skip
 #: Rules whose exclusion test compares the clients' largest departures (:func:`departure_agreement`).
 DEPARTURE_TESTING_RULES = (
     "departure-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion",
-    "cross-round-departure-exclusion", "record-departure-exclusion", "record-partial-exclusion",
+    "cross-round-departure-exclusion", *RECORD_KEEPING_RULES,
 )  # fmt: skip
 #: Rules that then hold the quiet coordinates (:func:`hold_quiet_coordinates`).
 QUIET_HOLDING_RULES = (
     "busy-bloc-exclusion", "busy-departure-exclusion", "persistent-departure-exclusion",
-    "cross-round-departure-exclusion", "record-departure-exclusion", "record-partial-exclusion",
+    "cross-round-departure-exclusion", *RECORD_KEEPING_RULES,
 )  # fmt: skip
-#: Rules that keep a record of each client's flags and exclude the unusual (:attr:`MaskRule.flag_record`).
-RECORD_KEEPING_RULES = ("record-departure-exclusion", "record-partial-exclusion")
 #: Rules whose departure test also compares the clients of recent rounds (needs client ids).
 CROSS_ROUND_RULES = ("cross-round-departure-exclusion", *RECORD_KEEPING_RULES)
 #: Rules that exclude a flagged client only on its largest departures (:meth:`MaskRule.without_departures`).
-PARTIAL_EXCLUDING_RULES = ("record-partial-exclusion",)
+PARTIAL_EXCLUDING_RULES = ("record-partial-exclusion", "record-repeat-exclusion")
+#: Of those, the rules that exclude a client whole when the test flagged it the last round it took part in.
+REPEAT_EXCLUDING_RULES = ("record-repeat-exclusion",)
 #: Rules that also hold coordinates whose extreme departures lean one way (:meth:`MaskRule.steady_leans`).
 LEAN_HOLDING_RULES = ("persistent-departure-exclusion",)
 #: Rules that keep a memory across rounds (:attr:`MaskRule.memory_state`; checkpointed).
@@ -149,6 +155,7 @@ RECALL_ROUNDS = 3  # rounds whose clients the cross-round test remembers
 LEAN_Z = 4.0  # standard deviations of a coin-flip lean's memory; about 6e-5 of them pass it
 RECORD_ALPHA = 1e-3  # chance that a client flagged at the typical rate has a record as unusual
 RECORD_MIN_SAMPLED = 5  # rounds a client takes part in before its record is judged
+RECORD_FIELDS = 4  # a client's record: rounds taken part, flagged, excluded for good, flagged the last one
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")
@@ -476,17 +483,21 @@ class MaskRule:
 
     @property
     def flag_record(self) -> dict[Hashable, np.ndarray]:
-        """A record-keeping rule's memory: client id -> int64 ``[rounds taken part, flagged, excluded]``.
+        """Record rules' memory: client id -> int64 ``[rounds taken part, flagged, excluded, last]``.
 
         ``excluded`` is 1 once the record stood out (:func:`unusual_records`): the client sits out
-        every later round. Empty before the first round and for other rules; setting it (e.g. from
-        a checkpoint) continues from there.
+        every later round; ``last`` is 1 if the test flagged it the last round it took part in.
+        Empty before the first round and for other rules; setting it (e.g. from a checkpoint)
+        continues from there (a record saved without ``last`` reads it as 0).
         """
         return {key: value.copy() for key, value in self._record.items()}
 
     @flag_record.setter
     def flag_record(self, record: Mapping[Hashable, np.ndarray]) -> None:
-        self._record = {key: np.asarray(value, dtype=np.int64).copy() for key, value in record.items()}
+        self._record = {
+            key: np.pad(np.asarray(value, dtype=np.int64), (0, RECORD_FIELDS - len(value)))
+            for key, value in record.items()
+        }
 
     def outside_blocs(
         self, layers: Iterable[np.ndarray], client_ids: Sequence[Hashable] | None = None
@@ -500,11 +511,13 @@ class MaskRule:
         node ids); :data:`RECORD_KEEPING_RULES` also leave out the clients whose record stands out
         (:meth:`_excluded_by_record`). :data:`PARTIAL_EXCLUDING_RULES` keep the flagged clients whose
         record has not excluded them, to be left out on their largest departures only
-        (:meth:`without_departures`). Also returns ``num_bloc_excluded`` (flagged this round) and,
-        for record-keeping rules, ``num_record_excluded`` (left out by their record alone) and
-        ``num_record_banned`` (every client excluded for good so far), and for partially excluding
-        rules ``num_partly_excluded``. When fewer than 2 clients would remain, every client is kept
-        (a round needs a spread of values; the metrics still count the excluded ones).
+        (:meth:`without_departures`), and :data:`REPEAT_EXCLUDING_RULES` of those only the ones the
+        test did not also flag the last round they took part in. Also returns ``num_bloc_excluded``
+        (flagged this round) and, for record-keeping rules, ``num_record_excluded`` (left out by
+        their record alone) and ``num_record_banned`` (every client excluded for good so far), and
+        for partially excluding rules ``num_partly_excluded``. When fewer than 2 clients would
+        remain, every client is kept (a round needs a spread of values; the metrics still count the
+        excluded ones).
         """
         if self.name in CROSS_ROUND_RULES:
             flagged = self._partnered_across_rounds(layers, client_ids)
@@ -515,6 +528,8 @@ class MaskRule:
         partial = self.name in PARTIAL_EXCLUDING_RULES
         outside = np.ones_like(flagged) if partial else ~flagged
         if self.name in RECORD_KEEPING_RULES:
+            if self.name in REPEAT_EXCLUDING_RULES:
+                outside &= ~(flagged & self._flagged_last_time(client_ids))
             by_record = self._excluded_by_record(client_ids, flagged)
             outside &= ~by_record
             metrics["num_record_excluded"] = int((by_record & ~flagged).sum())
@@ -554,14 +569,18 @@ class MaskRule:
             result[row] = update
         return result
 
+    def _flagged_last_time(self, client_ids: Sequence[Hashable]) -> np.ndarray:
+        """``(N,)`` bool: the round's clients the test flagged the last round they took part in."""
+        return np.array([key in self._record and self._record[key][3] == 1 for key in client_ids], dtype=bool)
+
     def _excluded_by_record(self, client_ids: Sequence[Hashable], flagged: np.ndarray) -> np.ndarray:
         """``(N,)`` bool: the round's clients whose record stands out, this round's flags counted.
 
         Adds the round to every client's record; a client once unusual stays excluded.
         """
         for key, hit in zip(client_ids, flagged, strict=True):
-            sampled, times, banned = self._record.get(key, np.zeros(3, dtype=np.int64))
-            self._record[key] = np.array([sampled + 1, times + int(hit), banned], dtype=np.int64)
+            sampled, times, banned, _ = self._record.get(key, np.zeros(RECORD_FIELDS, dtype=np.int64))
+            self._record[key] = np.array([sampled + 1, times + int(hit), banned, int(hit)], dtype=np.int64)
         keys = list(self._record)
         counts = np.stack([self._record[key] for key in keys])
         unusual = unusual_records(counts[:, 0], counts[:, 1])

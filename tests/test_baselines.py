@@ -79,7 +79,7 @@ def test_registry_names_every_defense_of_the_issue():
         "invariant-bloc-exclusion", "invariant-departure-exclusion", "invariant-busy-bloc-exclusion",
         "invariant-busy-departure-exclusion", "invariant-persistent-departure-exclusion",
         "invariant-cross-round-departure-exclusion", "invariant-record-departure-exclusion",
-        "invariant-record-partial-exclusion",
+        "invariant-record-partial-exclusion", "invariant-record-repeat-exclusion",
         "fltrust", "deepsight", "alignins", "crfl", "multi-metrics",
     }  # fmt: skip
     _, collusion = baselines.DEFENSES["invariant-collusion"]({"tau": 0.7})

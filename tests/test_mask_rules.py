@@ -512,7 +512,12 @@ def test_record_rules_keep_a_flagged_bloc_out_once_it_looks_honest(rule: str) ->
         assert metrics["num_bloc_excluded"] >= 2
         assert metrics["num_record_excluded"] == 0
     assert metrics["num_record_banned"] == 2  # 5 flags in 5 rounds, the others' typical rate about 0.1
-    assert record.flag_record[1000].tolist() == [5, 5, 1] and record.flag_record[1001].tolist() == [5, 5, 1]
+    assert record.flag_record[1000].tolist() == [5, 5, 1, 1] and record.flag_record[1001].tolist() == [
+        5,
+        5,
+        1,
+        1,
+    ]
     assert all(record.flag_record[client][2] == 0 for client in range(15))
 
     updates, ids = _bloc_round(rng, range(15), bloc, push=False)  # now the bloc sends honest-looking updates
@@ -526,7 +531,7 @@ def test_record_rules_keep_a_flagged_bloc_out_once_it_looks_honest(rule: str) ->
         zeros, updates[:15]
     )
     np.testing.assert_array_equal(new[0], honest_only[0])
-    assert record.flag_record[1000].tolist() == [6, 5, 1]
+    assert record.flag_record[1000].tolist() == [6, 5, 1, 0]
 
 
 @pytest.mark.parametrize("rule", RECORD_KEEPING_RULES)
@@ -604,6 +609,29 @@ def test_record_partial_exclusion_leaves_a_flagged_client_out_on_its_largest_dep
         rule.without_departures(global_weights, updates[:3], tested)
 
 
+def test_record_repeat_exclusion_leaves_a_client_flagged_again_out_whole() -> None:
+    rng = np.random.default_rng(24)
+    zeros = [np.zeros((20, 20), dtype=np.float32)]
+    rule = MaskRule("record-repeat-exclusion", 0.3)
+    updates, ids = _bloc_round(rng, range(15), [1000, 1001], push=True)
+    outside, metrics = rule.outside_blocs([-np.stack([u[0] for u in updates])], ids)
+    held = rule.without_departures(zeros, updates, [0])
+    first = {row for row, update in enumerate(updates) if held[row] is not update}
+    assert outside.all() and {15, 16} <= first  # a first flag: out on the largest departures only
+    assert metrics["num_partly_excluded"] == metrics["num_bloc_excluded"] == len(first)
+
+    updates, ids = _bloc_round(rng, range(100, 115), [1000, 1001], push=True)  # new honest clients
+    outside, metrics = rule.outside_blocs([-np.stack([u[0] for u in updates])], ids)
+    assert not outside[15] and not outside[16]  # flagged again: out whole
+    assert outside[:15].all()  # the new clients' first flags, if any, are partial
+    assert metrics["num_partly_excluded"] == metrics["num_bloc_excluded"] - 2
+    assert rule.without_departures(zeros, updates, [0])[15] is updates[15]  # out whole, nothing to hold
+
+    # a record saved before it kept the last round's flag reads it as 0
+    rule.flag_record = {1000: np.array([2, 2, 0])}
+    assert rule.flag_record[1000].tolist() == [2, 2, 0, 0]
+
+
 def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
     rule = MaskRule("bloc-exclusion", 0.6)
     a, b = np.sign(np.random.default_rng(2).normal(size=(2, 64)))
@@ -637,7 +665,7 @@ def test_strategies_take_and_validate_mask_rule(cls) -> None:
             "mask_rule must be one of paper, soft-margin, collusion, memory, bloc-exclusion, "
             "departure-exclusion, busy-bloc-exclusion, busy-departure-exclusion, "
             "persistent-departure-exclusion, cross-round-departure-exclusion, record-departure-exclusion, "
-            "record-partial-exclusion; got 'x'"
+            "record-partial-exclusion, record-repeat-exclusion; got 'x'"
         ),
     ):
         cls(mask_rule="x")
