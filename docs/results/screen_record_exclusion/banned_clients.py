@@ -36,7 +36,7 @@ def read_records(run_dir: Path) -> tuple[int, dict[int, np.ndarray], set[int], i
         return None
     prefix = "strategy/flag_record/"
     records = {
-        int(key[len(prefix) :]): np.asarray(value)
+        int(key[len(prefix) :]): np.asarray(value)[:3]  # a 4th field (flagged the last round) is unused
         for key, value in checkpoint.strategy_arrays.items()
         if key.startswith(prefix)
     }
