@@ -63,7 +63,7 @@ The other rules change how votes count; each returns, per layer, a step scale in
 - ``"record-repeat-exclusion"``: ``"record-partial-exclusion"``, but a client the test also flagged
   the last round it took part in sits out whole. Partial exclusion let a black-box pool's backdoor
   through before the record caught it (docs/results/screen_partial_exclusion): an attacker is
-  flagged every round it takes part in, an honest client about a third of its rounds, so a repeated
+  flagged every round it takes part in, an honest client in a quarter to a third of its rounds, so a repeated
   flag leaves the attackers out whole from their second round on and most honest clients in part.
 
 No Flower import. Shapes: ``stacked`` is ``(N, *layer_shape)``; scales are ``layer_shape``.
@@ -98,8 +98,8 @@ __all__ = [
     "RECALL_ROUNDS",
     "RECORD_ALPHA",
     "RECORD_KEEPING_RULES",
-    "REPEAT_EXCLUDING_RULES",
     "RECORD_MIN_SAMPLED",
+    "REPEAT_EXCLUDING_RULES",
     "binomial_tail",
     "busy_coordinates",
     "collusion_weights",
@@ -418,8 +418,10 @@ class MaskRule:
         self._memory_count = 0.0
         self._restored: np.ndarray | None = None  # memory_state set before the layer shapes are known
         self._recalled: dict[Hashable, np.ndarray] = {}  # client id -> int8 [rounds ago, *departure signs]
-        self._record: dict[Hashable, np.ndarray] = {}  # client id -> int64 [sampled, flagged, excluded]
-        self._departures = np.zeros((0, 0), dtype=np.int8)  # this round's departure signs, (N, P)
+        self._record: dict[Hashable, np.ndarray] = {}  # client id -> int64 [sampled, flagged, excluded, last]
+        self._departures = np.zeros(
+            (0, 0), dtype=np.int8
+        )  # partial rules: this round's departure signs, (N, P)
         self._partly_excluded = np.zeros(0, dtype=bool)  # this round's clients left out on their departures
 
     @property
@@ -598,7 +600,8 @@ class MaskRule:
         ``RECALL_ROUNDS``.
         """
         signs, count = departure_signs(layers)
-        self._departures = signs
+        if self.name in PARTIAL_EXCLUDING_RULES:  # the others need no (N, P) signs after the round
+            self._departures = signs
         if client_ids is None or len(client_ids) != len(signs):
             raise ValueError(
                 f"mask_rule {self.name!r} needs one id per client to compare them across rounds; "
