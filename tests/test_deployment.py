@@ -143,7 +143,7 @@ def assert_clean_shutdown(
             log = log.replace("Failed to push reply message\nTraceback", "")
         assert not crash_lines(log), process.tail(80)
     left = deployment.leftovers()
-    assert not left, f"processes left running: {left}"
+    assert not left, f"processes left running:\n{deployment.describe(left)}\n{deployment.tails()}"
 
 
 def test_invariant_run_over_a_real_superlink(deployment_factory, tmp_path: Path) -> None:
@@ -366,6 +366,10 @@ def test_superlink_killed_after_round_2_resumes_from_the_checkpoint(
     killed.remember_descendants()
     os.kill(killed.pid, signal.SIGKILL)  # the SuperLink only: its SuperExec and ServerApp notice
     killed.popen.wait(timeout=30)
+    # the orphans must be gone before a SuperLink listens on the same ports again, or one that is
+    # still retrying could reconnect to it and outlive the deployment
+    orphans = deployment.leftovers(pids=killed.descendants)
+    assert not orphans, f"the killed SuperLink's children outlived it:\n{deployment.describe(orphans)}"
     runner.join(RUN_TIMEOUT)
     assert not runner.is_alive() and outcome["first"].returncode != 0, "flwr run did not notice the crash"
     assert checkpoint_round(checkpoints) == 2 and not results.exists()

@@ -329,15 +329,31 @@ class Deployment:
                     codes[process.name] = None
         return codes
 
-    def leftovers(self, timeout: float = 60.0) -> set[int]:
+    def leftovers(self, timeout: float = 60.0, pids: Iterable[int] | None = None) -> set[int]:
         """Descendants of the started processes still alive ``timeout`` s after they ended (ideally none).
 
-        Returns as soon as none is left; the long timeout is for busy cores, where a child
-        of a stopped SuperLink took over 15 s to exit (a nice-19 simulation running beside)."""
-        pids = set().union(*(p.descendants for p in self.processes)) if self.processes else set()
+        ``pids``: check these instead of every started process's descendants. Returns as soon as
+        none is left; the long timeout is for busy cores, where a child of a stopped SuperLink
+        took over 15 s to exit (a nice-19 simulation running beside)."""
+        if pids is None:
+            pids = set().union(*(p.descendants for p in self.processes)) if self.processes else set()
+        pids = set(pids)
         with contextlib.suppress(TimeoutError):
             wait_for(lambda: not any(alive(pid) for pid in pids), timeout, "child processes to exit")
         return {pid for pid in pids if alive(pid)}
+
+    def describe(self, pids: Iterable[int]) -> str:
+        """One line per pid: the started process it descends from and its command line (for failures)."""
+        lines = []
+        for pid in sorted(pids):
+            owners = [p.name for p in self.processes if pid in p.descendants]
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                command = raw.replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                command = "(gone)"
+            lines.append(f"{pid} (from {', '.join(owners) or '?'}): {command.strip()}")
+        return "\n".join(lines)
 
     def close(self) -> None:
         """Kill whatever is still running, descendants included (safe to call more than once)."""
