@@ -239,6 +239,7 @@ def run(
                 with log_path.open("ab") as log_file:
                     stream = link.submit(app, run_config, federation, log_file)
                     while stream.poll() is None:
+                        link.remember_sessions()
                         follow()
                         time.sleep(0.5)
                 follow()

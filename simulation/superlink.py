@@ -189,6 +189,7 @@ class LocalSuperLink:
         self.startup_timeout = startup_timeout
         self.log_path = home / "superlink.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.sessions: set[int] = set()  # of the SuperLink's descendants, seen by remember_sessions
         self.env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         self.env.update(
             FLWR_HOME=str(home),
@@ -315,17 +316,28 @@ class LocalSuperLink:
             ):
                 time.sleep(1.0)
 
+    def remember_sessions(self) -> None:
+        """Note the sessions of the SuperLink's descendants now, for :meth:`close` (call while a run goes).
+
+        If the SuperLink dies first, its descendants can no longer be found from it, and the
+        ``flwr-simulation`` it started would go on training alone.
+        """
+        if self.process is not None:
+            self.sessions |= sessions_of(process_tree([self.process.pid]))
+
     def close(self, timeout: float = 30.0) -> None:
         """SIGTERM the SuperLink (it stops its SuperExec); SIGKILL its session after ``timeout``.
 
-        Then whatever is left in the sessions of the SuperLink and its descendants gets SIGTERM,
-        and SIGKILL after ``timeout``: the SuperExec runs ``flwr-simulation`` in a session of its
-        own, and after a grid was killed mid-run that process and its Ray went on training.
+        Then whatever is left in the sessions of the SuperLink and its descendants (now, or when
+        :meth:`remember_sessions` last looked) gets SIGTERM, and SIGKILL after ``timeout``: the
+        SuperExec runs ``flwr-simulation`` in a session of its own, and after a grid was killed
+        mid-run that process and its Ray went on training.
         """
         process, self.process = self.process, None
         if process is None:
             return
-        sessions = {process.pid} | sessions_of(process_tree([process.pid]))
+        sessions = {process.pid} | self.sessions | sessions_of(process_tree([process.pid]))
+        self.sessions = set()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:

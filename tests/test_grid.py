@@ -454,3 +454,31 @@ def test_closing_the_superlink_ends_what_it_left_in_its_children_s_sessions(tmp_
         for pid in started:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_closing_a_dead_superlink_ends_the_sessions_it_had_started(tmp_path) -> None:
+    """The SuperLink SIGKILLed mid-run: what its SuperExec left running is still ended on close."""
+    from simulation.superlink import LocalSuperLink
+
+    link = LocalSuperLink(tmp_path)
+    link.process = subprocess.Popen([sys.executable, "-c", _SUPERLINK], start_new_session=True)  # noqa: S603
+    group = link.process.pid
+    started: set[int] = set()
+
+    def whole_tree() -> set[int] | None:
+        tree = process_tree([group])
+        return tree if len(tree) == 4 else None
+
+    try:
+        started = wait_for(whole_tree, timeout=10, what="the stand-ins' children")
+        link.remember_sessions()
+        link.process.kill()
+        link.process.wait(timeout=10)
+        orphans = started - {group}
+        assert any(alive(pid) for pid in orphans)  # the stand-in flwr-simulation outlives its SuperLink
+        link.close(timeout=5)
+        assert [pid for pid in orphans if alive(pid)] == []
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
