@@ -433,31 +433,9 @@ while True:
 """
 
 
-def test_closing_the_superlink_ends_what_it_left_in_its_children_s_sessions(tmp_path) -> None:
-    from simulation.superlink import LocalSuperLink, sessions_of
-
-    link = LocalSuperLink(tmp_path)
-    link.process = subprocess.Popen([sys.executable, "-c", _SUPERLINK], start_new_session=True)  # noqa: S603
-    group = link.process.pid
-    started: set[int] = set()
-
-    def whole_tree() -> set[int] | None:
-        tree = process_tree([group])
-        return tree if len(tree) == 4 else None
-
-    try:
-        started = wait_for(whole_tree, timeout=10, what="the stand-ins' children")
-        assert len(sessions_of(started)) == 2  # the SuperLink's and the SuperExec's
-        link.close(timeout=5)
-        assert [pid for pid in started if alive(pid)] == []
-    finally:
-        for pid in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def test_closing_a_dead_superlink_ends_the_sessions_it_had_started(tmp_path) -> None:
-    """The SuperLink SIGKILLed mid-run: what its SuperExec left running is still ended on close."""
+@pytest.fixture
+def stand_in_superlink(tmp_path):
+    """A LocalSuperLink whose process is the stand-in, and the stand-ins' 4 pids once all have started."""
     from simulation.superlink import LocalSuperLink
 
     link = LocalSuperLink(tmp_path)
@@ -471,14 +449,31 @@ def test_closing_a_dead_superlink_ends_the_sessions_it_had_started(tmp_path) -> 
 
     try:
         started = wait_for(whole_tree, timeout=10, what="the stand-ins' children")
-        link.remember_sessions()
-        link.process.kill()
-        link.process.wait(timeout=10)
-        orphans = started - {group}
-        assert any(alive(pid) for pid in orphans)  # the stand-in flwr-simulation outlives its SuperLink
-        link.close(timeout=5)
-        assert [pid for pid in orphans if alive(pid)] == []
+        yield link, started
     finally:
-        for pid in started:
+        for pid in started | {group}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        link.process = None
+
+
+def test_closing_the_superlink_ends_what_it_left_in_its_children_s_sessions(stand_in_superlink) -> None:
+    from simulation.superlink import sessions_of
+
+    link, started = stand_in_superlink
+    assert len(sessions_of(started)) == 2  # the SuperLink's and the SuperExec's
+    link.close(timeout=5)
+    assert [pid for pid in started if alive(pid)] == []
+
+
+def test_closing_a_dead_superlink_ends_the_sessions_it_had_started(stand_in_superlink) -> None:
+    """The SuperLink SIGKILLed mid-run: what its SuperExec left running is still ended on close."""
+    link, started = stand_in_superlink
+    superlink = link.process
+    link.remember_sessions()
+    superlink.kill()
+    superlink.wait(timeout=10)
+    orphans = started - {superlink.pid}
+    assert any(alive(pid) for pid in orphans)  # the stand-in flwr-simulation outlives its SuperLink
+    link.close(timeout=5)
+    assert [pid for pid in orphans if alive(pid)] == []
