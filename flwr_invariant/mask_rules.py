@@ -419,9 +419,8 @@ class MaskRule:
         self._restored: np.ndarray | None = None  # memory_state set before the layer shapes are known
         self._recalled: dict[Hashable, np.ndarray] = {}  # client id -> int8 [rounds ago, *departure signs]
         self._record: dict[Hashable, np.ndarray] = {}  # client id -> int64 [sampled, flagged, excluded, last]
-        self._departures = np.zeros(
-            (0, 0), dtype=np.int8
-        )  # partial rules: this round's departure signs, (N, P)
+        # partial rules only: this round's departure signs, (N, P)
+        self._departures = np.zeros((0, 0), dtype=np.int8)
         self._partly_excluded = np.zeros(0, dtype=bool)  # this round's clients left out on their departures
 
     @property
