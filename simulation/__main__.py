@@ -1,10 +1,11 @@
-"""``python -m simulation`` (also ``flwr-invariant-sim``): run, grid, report, frontier, compare.
+"""``python -m simulation`` (also ``flwr-invariant-sim``): run, grid, report, frontier, scorecard, compare.
 
     python -m simulation run --set task=linear defense=invariant --out runs/one
     python -m simulation run --from runs/one/config.json          # repeat a run
     python -m simulation grid configs/fmnist_defenses.toml
     python -m simulation report results/fmnist
     python -m simulation frontier results/long_horizon_fmnist results/screen --out results/frontier
+    python -m simulation scorecard results/long_horizon_fmnist --defense "invariant tau=0.3"
     python -m simulation compare --task linear --rounds 30 --seeds 0 1 2
 
 Resource flags (run, grid): --cpus-per-client, --gpus-per-client (a share of
@@ -115,6 +116,16 @@ def _frontier(args: argparse.Namespace) -> None:
     print(written[0].read_text())
 
 
+def _scorecard(args: argparse.Namespace) -> None:
+    from .scorecard import write_scorecard
+
+    print(
+        write_scorecard(
+            [Path(d) for d in args.results], args.defense, args.baseline, Path(args.out) if args.out else None
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__.splitlines()[0])
@@ -144,6 +155,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     frontier_parser.add_argument("results", nargs="+")
     frontier_parser.add_argument("--out", required=True, help="directory for frontier.md and the plots")
 
+    scorecard_parser = commands.add_parser(
+        "scorecard", help="a defense's cells against the long-horizon bar, next to the baseline's runs"
+    )
+    scorecard_parser.add_argument("results", nargs="+")
+    scorecard_parser.add_argument(
+        "--defense", required=True, help='label as the report writes it, e.g. "invariant tau=0.3"'
+    )
+    scorecard_parser.add_argument(
+        "--baseline", default="fedavg", help="defense label to compare with (default fedavg)"
+    )
+    scorecard_parser.add_argument("--out", help="also write the Markdown to this file")
+
     commands.add_parser(
         "compare", help="FedAvg vs InvariantAggregation table (see simulation.compare)", add_help=False
     )
@@ -160,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        {"run": _run, "grid": _grid, "report": _report, "frontier": _frontier}[args.command](args)
+        {"run": _run, "grid": _grid, "report": _report, "frontier": _frontier, "scorecard": _scorecard}[
+            args.command
+        ](args)
     except (ValueError, PermissionError, FileNotFoundError, RuntimeError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -1,0 +1,179 @@
+"""A defense's scorecard against a long-horizon bar, one row per grid cell it has run.
+
+The bar of the issue "Hold the edge-case backdoor out for 300 rounds": in every cell (task, attack,
+seed), ``acc_backdoor`` at or below :data:`~simulation.frontier.BAR` in every round, and the final
+``acc_main`` within :data:`WITHIN` of the baseline's (FedAvg's) final ``acc_main`` under the same
+attack and seed. Each row pairs a completed run of the defense with the baseline's run of the same
+task, attack, seed and number of rounds, and says which half it meets. Because the final round's
+``acc_main`` is one evaluation, the row also gives the mean of the last :data:`LAST_EVALUATIONS`
+evaluations of both runs and their gap.
+
+    python -m simulation scorecard docs/results/long_horizon_fmnist \\
+        --defense "invariant-record-departure-exclusion tau=0.3"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import defense_label
+from .frontier import BAR
+from .report import RunResult, as_float, load_runs
+
+__all__ = [
+    "LAST_EVALUATIONS",
+    "WITHIN",
+    "ScorecardRow",
+    "scorecard_rows",
+    "scorecard_table",
+    "write_scorecard",
+]
+
+WITHIN = 0.01  # the issue's bar: final acc_main at most 1 point below the baseline's
+LAST_EVALUATIONS = 10  # evaluations of acc_main averaged besides the final one
+
+
+@dataclass(frozen=True)
+class ScorecardRow:
+    """One cell of the defense: its run and, when it has run, the baseline's."""
+
+    task: str
+    attack: str
+    seed: int
+    rounds: int
+    peak_backdoor: float  # highest acc_backdoor of any round after round 0
+    first_over_bar: int | None  # first round with acc_backdoor > BAR
+    final_main: float
+    recent_main: float  # mean acc_main over the last LAST_EVALUATIONS evaluations
+    baseline_final_main: float | None  # None: the baseline has no run of this cell
+    baseline_recent_main: float | None
+
+    @property
+    def held(self) -> bool:
+        return self.first_over_bar is None
+
+    @property
+    def gap(self) -> float | None:
+        """Baseline's final acc_main minus the defense's (a fraction; positive: the defense is below)."""
+        return None if self.baseline_final_main is None else self.baseline_final_main - self.final_main
+
+    @property
+    def recent_gap(self) -> float | None:
+        return None if self.baseline_recent_main is None else self.baseline_recent_main - self.recent_main
+
+    @property
+    def verdict(self) -> str:
+        if not self.held:
+            return "leaked"
+        if self.gap is None:
+            return "held; no baseline run"
+        # metrics are float32 fractions: 0.899 - 0.889 can come out a hair over 0.01
+        return "meets the bar" if self.gap <= WITHIN + 1e-6 else "held; accuracy missed"
+
+
+def _main_evaluations(run: RunResult) -> list[float]:
+    values = [as_float(r.get("acc_main")) for r in run.records]
+    return [v for v in values if not np.isnan(v)]
+
+
+def _row(run: RunResult, baseline: RunResult | None) -> ScorecardRow:
+    backdoor = [
+        (int(r["round"]), as_float(r.get("acc_backdoor"))) for r in run.records if int(r["round"]) > 0
+    ]
+    backdoor = [(n, v) for n, v in backdoor if not np.isnan(v)]
+    over = [n for n, v in backdoor if v > BAR]
+    recent = float(np.mean(_main_evaluations(run)[-LAST_EVALUATIONS:]))
+    return ScorecardRow(
+        task=str(run.config["task"]),
+        attack=str(run.config["attack"]),
+        seed=int(run.config.get("seed", 0)),
+        rounds=run.final_round,
+        peak_backdoor=max((v for _, v in backdoor), default=float("nan")),
+        first_over_bar=min(over) if over else None,
+        final_main=run.final("acc_main"),
+        recent_main=recent,
+        baseline_final_main=None if baseline is None else baseline.final("acc_main"),
+        baseline_recent_main=(
+            None if baseline is None else float(np.mean(_main_evaluations(baseline)[-LAST_EVALUATIONS:]))
+        ),
+    )
+
+
+def scorecard_rows(runs: Iterable[RunResult], defense: str, baseline: str = "fedavg") -> list[ScorecardRow]:
+    """Rows for the completed ``runs`` labelled ``defense`` (as :func:`defense_label` writes it).
+
+    Raises ``ValueError`` naming the labels present when no run has the label ``defense``.
+    """
+    runs = list(runs)
+
+    def cell(run: RunResult) -> tuple[str, str, int, int]:
+        return (
+            str(run.config["task"]),
+            str(run.config["attack"]),
+            int(run.config.get("seed", 0)),
+            run.final_round,
+        )
+
+    baselines = {cell(run): run for run in runs if defense_label(run.config) == baseline}
+    mine = [run for run in runs if defense_label(run.config) == defense]
+    if not mine:
+        labels = sorted({defense_label(run.config) for run in runs})
+        raise ValueError(f"no completed run of defense {defense!r}; the runs' defenses: {labels}")
+    rows = [_row(run, baselines.get(cell(run))) for run in mine]
+    return sorted(rows, key=lambda r: (r.task, r.attack, r.seed, r.rounds))
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def scorecard_table(rows: Sequence[ScorecardRow], baseline: str = "fedavg") -> list[str]:
+    """Markdown lines: one row per cell; gaps in points of acc_main (positive: below the baseline)."""
+    lines = [
+        f"| task | attack | seed | rounds | highest acc_backdoor | first round > {BAR:.2f} "
+        f"| final acc_main | {baseline} final | gap "
+        f"| mean of last {LAST_EVALUATIONS} evaluations | {baseline} mean | gap | verdict |",
+        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|",
+    ]
+    for r in rows:
+        first = "never" if r.first_over_bar is None else str(r.first_over_bar)
+        base_final = "not run" if r.baseline_final_main is None else f"{r.baseline_final_main:.3f}"
+        base_recent = "not run" if r.baseline_recent_main is None else f"{r.baseline_recent_main:.3f}"
+        lines.append(
+            f"| {r.task} | {r.attack} | {r.seed} | {r.rounds} | {r.peak_backdoor:.2f} | {first} "
+            f"| {r.final_main:.3f} | {base_final} | {_points(r.gap)} | {r.recent_main:.3f} | {base_recent} "
+            f"| {_points(r.recent_gap)} | {r.verdict} |"
+        )
+    return lines
+
+
+def write_scorecard(
+    results_dirs: Sequence[Path], defense: str, baseline: str = "fedavg", out: Path | None = None
+) -> str:
+    """The scorecard of ``defense`` over ``results_dirs`` as Markdown; also written to ``out`` if given."""
+    runs = [run for d in results_dirs for run in load_runs(Path(d))[0]]
+    rows = scorecard_rows(runs, defense, baseline)
+    met = sum(r.verdict == "meets the bar" for r in rows)
+    text = "\n".join(
+        [
+            f"# Scorecard: {defense}",
+            "",
+            f"From {', '.join(f'`{d}`' for d in results_dirs)}. The bar: `acc_backdoor` at most {BAR:.2f} in "
+            f"every round after round 0, and the final `acc_main` at most {100 * WITHIN:.0f} point below "
+            f"{baseline}'s under the same attack and seed. Gaps are in points of `acc_main`, positive where "
+            f"the defense is below {baseline}.",
+            "",
+            *scorecard_table(rows, baseline),
+            "",
+            f"{met} of {len(rows)} cells meet the bar.",
+            "",
+        ]
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    return text
