@@ -516,9 +516,12 @@ class MaskRule:
         test did not also flag the last round they took part in. Also returns ``num_bloc_excluded``
         (flagged this round) and, for record-keeping rules, ``num_record_excluded`` (left out by
         their record alone) and ``num_record_banned`` (every client excluded for good so far), and
-        for partially excluding rules ``num_partly_excluded``. When fewer than 2 clients would
-        remain, every client is kept (a round needs a spread of values; the metrics still count the
-        excluded ones).
+        for partially excluding rules ``num_partly_excluded``, and ``num_kept``. When the
+        exclusions leave fewer than 2 of 2 or more clients, none is kept and the round makes no step
+        (:meth:`~flwr_invariant.settings.InvariantConfig.aggregate`): one client's update is no robust
+        aggregate, and a client its record excluded must never count again (keeping every client
+        instead let a round of 10 attackers in 20, all flagged, write a backdoor:
+        docs/results/README.md, "No step without two clients").
         """
         if self.name in CROSS_ROUND_RULES:
             flagged = self._partnered_across_rounds(layers, client_ids)
@@ -538,8 +541,9 @@ class MaskRule:
         if partial:
             self._partly_excluded = flagged & outside
             metrics["num_partly_excluded"] = int(self._partly_excluded.sum())
-        if outside.sum() < 2:
-            outside = np.ones_like(outside)
+        if outside.sum() < 2 <= len(outside):
+            outside = np.zeros_like(outside)
+        metrics["num_kept"] = int(outside.sum())
         return outside, metrics
 
     def without_departures(

@@ -125,6 +125,7 @@ class InvariantConfig:
         ``median_layers``: indices of floating layers aggregated by coordinate-wise median.
         ``client_ids``: one stable id per update (e.g. node ids); the rules of
         :data:`~flwr_invariant.mask_rules.CROSS_ROUND_RULES` need them, the others ignore them.
+        A client-selecting rule that keeps no client returns copies of ``global_weights`` (no step).
         """
         self._warn_if_unanimous(len(updates))
         rule_metrics: dict[str, float] = {}
@@ -138,6 +139,18 @@ class InvariantConfig:
                     global_weights, updates, _masked_layers(global_weights, median_layers)
                 )
             updates = [update for update, keep in zip(updates, outside, strict=True) if keep]
+            if not updates:
+                LOGGER.warning(
+                    "InvariantAggregation: mask_rule=%r left fewer than 2 clients in (%s); "
+                    "the global model makes no step this round",
+                    self.mask_rule,
+                    ", ".join(f"{key}={value}" for key, value in rule_metrics.items()),
+                )
+                return [np.array(w, copy=True) for w in global_weights], {
+                    "mask_fraction": 0.0,
+                    "trim_count": 0,
+                    **rule_metrics,
+                }
         if self.mask_rule not in PAPER_STEP_RULES:
             weights, metrics = self._aggregate_by_rule(global_weights, updates, median_layers)
             return weights, {**metrics, **rule_metrics}

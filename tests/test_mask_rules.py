@@ -632,16 +632,60 @@ def test_record_repeat_exclusion_leaves_a_client_flagged_again_out_whole() -> No
     assert rule.flag_record[1000].tolist() == [2, 2, 0, 0]
 
 
-def test_bloc_exclusion_keeps_everyone_when_fewer_than_two_would_remain() -> None:
+def test_bloc_exclusion_keeps_no_one_when_fewer_than_two_would_remain() -> None:
     rule = MaskRule("bloc-exclusion", 0.6)
-    a, b = np.sign(np.random.default_rng(2).normal(size=(2, 64)))
+    a, b, c = np.sign(np.random.default_rng(2).normal(size=(3, 64)))
     twins = np.array([a, a, b, b])  # two pairs of twins: every client has a partner
     outside, metrics = rule.outside_blocs([twins])
-    assert outside.tolist() == [True] * 4 and metrics["num_bloc_excluded"] == 4
+    assert outside.tolist() == [False] * 4 and metrics["num_bloc_excluded"] == 4 and metrics["num_kept"] == 0
     outside, metrics = rule.outside_blocs([np.vstack([twins, [-a]])])
-    assert outside.tolist() == [True] * 5 and metrics["num_bloc_excluded"] == 4  # one would remain
+    assert outside.tolist() == [False] * 5 and metrics["num_bloc_excluded"] == 4  # one alone is no aggregate
+    outside, metrics = rule.outside_blocs([np.array([a, b, c])])
+    assert outside.tolist() == [True] * 3 and metrics["num_kept"] == 3
+    outside, metrics = rule.outside_blocs([np.array([a])])  # a round of one client has nothing to test
+    assert outside.tolist() == [True] and metrics["num_kept"] == 1
     with pytest.raises(ValueError, match="runs the paper's step"):
         rule.scales([twins])
+
+
+def test_a_round_with_no_client_left_makes_no_step(flwr_logs) -> None:
+    rng = np.random.default_rng(5)
+    global_weights = [rng.standard_normal((4, 16)).astype(np.float32), np.arange(3)]
+    pair = [[w + np.float32(3.0) if w.dtype.kind == "f" else w for w in global_weights]] * 2
+    other = [[w - np.float32(3.0) if w.dtype.kind == "f" else w for w in global_weights]] * 2
+    new, metrics = InvariantConfig(mask_rule="bloc-exclusion").aggregate(global_weights, pair + other)
+    for got, before in zip(new, global_weights, strict=True):
+        np.testing.assert_array_equal(got, before)
+    assert metrics["num_kept"] == 0 and metrics["num_bloc_excluded"] == 4 and metrics["mask_fraction"] == 0.0
+    new[0][0, 0] = 99.0  # a copy: the caller's global weights stay as they were
+    assert global_weights[0][0, 0] != 99.0
+    warnings = {r.getMessage() for r in flwr_logs.records if "makes no step" in r.getMessage()}
+    assert warnings == {
+        "InvariantAggregation: mask_rule='bloc-exclusion' left fewer than 2 clients in "
+        "(num_bloc_excluded=4, num_kept=0); the global model makes no step this round"
+    }
+
+
+@pytest.mark.parametrize("rule", RECORD_KEEPING_RULES)
+def test_record_rules_never_let_an_excluded_client_back_in(rule: str) -> None:
+    """Two of three clients excluded for good by their record leave one: no step, not all three."""
+    rng = np.random.default_rng(23)
+    zeros = [np.zeros((20, 20), dtype=np.float32)]
+    banned = np.array([RECORD_MIN_SAMPLED, RECORD_MIN_SAMPLED, 1, 1])
+    updates, ids = _bloc_round(rng, range(1), [1000, 1001], push=True)
+    config = InvariantConfig(tau=0.3, mask_rule=rule)
+    config.restore_flag_record({1000: banned, 1001: banned})
+    new, metrics = config.aggregate(zeros, updates, client_ids=ids)
+    np.testing.assert_array_equal(new[0], zeros[0])
+    assert metrics["num_kept"] == 0 and metrics["num_record_banned"] == 2
+
+    updates, ids = _bloc_round(rng, range(2), [1000], push=True)  # two clients in good standing remain
+    new, metrics = config.aggregate(zeros, updates, client_ids=ids)
+    assert metrics["num_kept"] == 2 and metrics["num_record_excluded"] + metrics["num_bloc_excluded"] >= 1
+    in_good_standing, _ = InvariantConfig(tau=0.3, mask_rule="busy-departure-exclusion").aggregate(
+        zeros, updates[:2]
+    )
+    np.testing.assert_array_equal(new[0], in_good_standing[0])
 
 
 def test_paper_rule_is_the_reference_bit_for_bit() -> None:
