@@ -40,3 +40,24 @@ def test_crfl_settings_are_validated() -> None:
     ):
         with pytest.raises(ValueError, match=key):
             resolve_config({key: bad})
+
+
+def test_the_app_bundle_leaves_the_results_out_and_fits_flowers_limit() -> None:
+    import io
+    import zipfile
+
+    from flwr.cli import build
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    root = Path(__file__).parents[1]
+    if hasattr(build, "build_fab_from_disk"):  # a Flower that reads `fab-exclude` (flwr 1.2x: build_fab)
+        bundle = build.build_fab_from_disk(root)
+        names = zipfile.ZipFile(io.BytesIO(bundle)).namelist()
+        assert not [name for name in names if name.startswith("docs/")]  # run outputs are no part of the app
+    else:
+        bundle = build.build_fab(root)[0]
+        names = zipfile.ZipFile(io.BytesIO(bundle)).namelist()
+    assert "simulation/server_app.py" in names and "flwr_invariant/strategy.py" in names
+    assert len(bundle) < FAB_MAX_SIZE / 4, (
+        f"the FAB is {len(bundle):,} bytes; Flower refuses over {FAB_MAX_SIZE:,}"
+    )
