@@ -385,6 +385,8 @@ def make_app_dir(destination: Path, clientapp: str | None = None, extra_modules:
                 "pyproject.toml: expected one `clientapp = ...` line under [tool.flwr.app.components]"
             )
         pyproject = re.sub(pattern, f'clientapp = "{clientapp}"', pyproject)
+    # the copy has no docs/ nor .gitignore, and Flower refuses a fab-exclude pattern that matches nothing
+    pyproject = re.sub(r"(?m)^fab-exclude = .*\n", "", pyproject)
     (destination / "pyproject.toml").write_text(pyproject)
     for module in extra_modules:
         (destination / module.name).write_bytes(module.read_bytes())
