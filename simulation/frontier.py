@@ -20,7 +20,7 @@ import numpy as np
 from .config import defense_label
 from .report import RunResult, as_float, defense_order, file_safe, load_runs
 
-__all__ = ["BAR", "FrontierPoint", "frontier_points", "write_frontier"]
+__all__ = ["BAR", "FrontierPoint", "attacked_backdoor", "frontier_points", "write_frontier"]
 
 BAR = 0.10  # the issue's bar: acc_backdoor at or below it in every round
 
@@ -43,7 +43,8 @@ class FrontierPoint:
         return float(self.peak_backdoor.max())
 
 
-def _backdoor(run: RunResult) -> list[tuple[int, float]]:
+def attacked_backdoor(run: RunResult) -> list[tuple[int, float]]:
+    """``(round, acc_backdoor)`` of every attacked round (round 0, the starting model, left out)."""
     values = [(int(r["round"]), as_float(r.get("acc_backdoor"))) for r in run.records if int(r["round"]) > 0]
     return [(n, v) for n, v in values if not np.isnan(v)]
 
@@ -56,7 +57,7 @@ def frontier_points(runs: Iterable[RunResult]) -> list[FrontierPoint]:
         cells.setdefault(key, []).append(run)
     points = []
     for (task, label, attack, rounds), members in cells.items():
-        series = [_backdoor(run) for run in members]
+        series = [attacked_backdoor(run) for run in members]
         over = [n for s in series for n, v in s if v > BAR]
         points.append(
             FrontierPoint(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import defense_label
-from .frontier import BAR
+from .frontier import BAR, attacked_backdoor
 from .report import RunResult, as_float, load_runs
 
 __all__ = [
@@ -75,18 +75,15 @@ class ScorecardRow:
         return "meets the bar" if self.gap <= WITHIN + 1e-6 else "held; accuracy missed"
 
 
-def _main_evaluations(run: RunResult) -> list[float]:
+def _recent_main(run: RunResult) -> float:
+    """Mean acc_main over the run's last :data:`LAST_EVALUATIONS` evaluations."""
     values = [as_float(r.get("acc_main")) for r in run.records]
-    return [v for v in values if not np.isnan(v)]
+    return float(np.mean([v for v in values if not np.isnan(v)][-LAST_EVALUATIONS:]))
 
 
 def _row(run: RunResult, baseline: RunResult | None) -> ScorecardRow:
-    backdoor = [
-        (int(r["round"]), as_float(r.get("acc_backdoor"))) for r in run.records if int(r["round"]) > 0
-    ]
-    backdoor = [(n, v) for n, v in backdoor if not np.isnan(v)]
+    backdoor = attacked_backdoor(run)
     over = [n for n, v in backdoor if v > BAR]
-    recent = float(np.mean(_main_evaluations(run)[-LAST_EVALUATIONS:]))
     return ScorecardRow(
         task=str(run.config["task"]),
         attack=str(run.config["attack"]),
@@ -95,11 +92,9 @@ def _row(run: RunResult, baseline: RunResult | None) -> ScorecardRow:
         peak_backdoor=max((v for _, v in backdoor), default=float("nan")),
         first_over_bar=min(over) if over else None,
         final_main=run.final("acc_main"),
-        recent_main=recent,
+        recent_main=_recent_main(run),
         baseline_final_main=None if baseline is None else baseline.final("acc_main"),
-        baseline_recent_main=(
-            None if baseline is None else float(np.mean(_main_evaluations(baseline)[-LAST_EVALUATIONS:]))
-        ),
+        baseline_recent_main=None if baseline is None else _recent_main(baseline),
     )
 
 
