@@ -11,7 +11,12 @@ With ``--what-if`` it also prints whom other tests of the same final records wou
 the judged clients below the 80th percentile of rates, at 1e-3 and 1e-6. The beta-binomial allows
 for honest clients that differ in how often they are flagged.
 
-    python docs/results/screen_record_exclusion/banned_clients.py [--what-if] RUN_DIR [RUN_DIR ...]
+With ``--by-size`` it also prints the honest clients by quarter of partition size (examples in their
+training partition, from ``simulation.data.load_partitions``: needs ``FLWR_INVARIANT_DATA_ROOT``):
+their share of rounds flagged, how many were excluded for good, and the share of the honest clients'
+examples those held.
+
+    python docs/results/screen_record_exclusion/banned_clients.py [--what-if] [--by-size] RUN_DIR [...]
 """
 
 from __future__ import annotations
@@ -77,7 +82,30 @@ def what_if(sampled: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def summary(run_dir: Path, with_what_if: bool = False) -> str:
+def by_size(run_dir: Path, records: dict[int, np.ndarray], attackers: set[int]) -> list[str]:
+    """Lines on the honest clients by quarter of partition size: flag rate, excluded, examples excluded."""
+    from simulation.data import load_partitions  # needs the data root; only this option reads data
+
+    config = json.loads((run_dir / "config.json").read_text())["run"]
+    honest = np.array([p for p in sorted(records) if p not in attackers])
+    size = np.array([len(part) for part in load_partitions(config)])[honest]
+    rows = np.stack([records[p] for p in honest])
+    rate, out = rows[:, 1] / np.maximum(rows[:, 0], 1), rows[:, 2] > 0
+    correlation = np.corrcoef(size.argsort().argsort(), rate.argsort().argsort())[0, 1]
+    lines = [
+        f"  honest by partition size: {size[out].sum() / size.sum():.2f} of their examples excluded "
+        f"for good; rank correlation of size and flag rate {correlation:.2f}"
+    ]
+    for quarter in np.array_split(size.argsort(), 4):
+        lines.append(
+            f"    {size[quarter].min()}-{size[quarter].max()} examples: flagged in "
+            f"{rate[quarter].mean():.2f} of their rounds, {int(out[quarter].sum())} of {len(quarter)} "
+            "excluded for good"
+        )
+    return lines
+
+
+def summary(run_dir: Path, with_what_if: bool = False, with_sizes: bool = False) -> str:
     """One paragraph on ``run_dir``: its round, then attackers' and honest clients' records."""
     read = read_records(run_dir)
     if read is None:
@@ -103,12 +131,14 @@ def summary(run_dir: Path, with_what_if: bool = False) -> str:
                 f"  what if {name}: {int((unusual & is_attacker).sum())} attackers, "
                 f"{int((unusual & ~is_attacker).sum())} honest clients"
             )
+    if with_sizes:
+        lines += by_size(run_dir, records, attackers)
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
-    show_what_if = "--what-if" in arguments
+    options = {"--what-if", "--by-size"}
     for argument in arguments:
-        if argument != "--what-if":
-            print(summary(Path(argument), show_what_if))
+        if argument not in options:
+            print(summary(Path(argument), "--what-if" in arguments, "--by-size" in arguments))

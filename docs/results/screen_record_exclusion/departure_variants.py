@@ -1,0 +1,85 @@
+"""Whom the departure test flags in one round, with departures as shipped and two alternatives (session 41).
+
+From a run's starting model (its cached pretrained model), ``DRAWS`` rounds of ``clients-per-round``
+clients, exactly ``ATTACKERS`` of them malicious (:func:`simulation.attribution.sample_round`), are
+trained with the run's settings and ``ATTACK``; the round's pairwise test
+(:func:`flwr_invariant.mask_rules.departure_agreement`, then
+:func:`~flwr_invariant.mask_rules.collusion_weights` below 1: flagged) runs on three versions of the
+pseudo-gradients, per layer:
+
+- ``shipped``: as they are (the rule's test);
+- ``orthogonal``: each client's update less its projection on the coordinate-wise median, so a
+  client whose update is a shorter copy of the round's common step departs by nothing;
+- ``normalised``: each client's update divided by its norm.
+
+Tried because the honest clients the record flags most are the small ones (``banned_clients.py
+--by-size``), and a small partition takes fewer local steps: a short update departs from the median
+by about minus the median, the same way as every other short update. Prints the share of attackers and
+of honest clients flagged, and of honest clients by quarter of partition size.
+
+    FLWR_INVARIANT_DATA_ROOT=DATA python docs/results/screen_record_exclusion/departure_variants.py \\
+        RUN_DIR/config.json ATTACK ATTACKERS DRAWS
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from flwr_invariant.mask_rules import collusion_weights, departure_agreement
+from simulation.attribution import _aggregated_keys, sample_round, start_state
+from simulation.data import load_partitions
+from simulation.training import local_update
+
+
+def orthogonal(layer: np.ndarray) -> np.ndarray:
+    """``(N, P)``: each row of ``layer`` ``(N, ...)`` less its projection on the rows' median."""
+    flat = layer.reshape(layer.shape[0], -1).astype(np.float64)
+    median = np.median(flat, axis=0)
+    along = flat @ median / max(float(median @ median), 1e-30)
+    return (flat - along[:, None] * median).astype(np.float32)
+
+
+def normalised(layer: np.ndarray) -> np.ndarray:
+    """``(N, P)``: each row of ``layer`` ``(N, ...)`` divided by its norm."""
+    flat = layer.reshape(layer.shape[0], -1).astype(np.float64)
+    return (flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-30)).astype(np.float32)
+
+
+VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "shipped": lambda layer: layer,
+    "orthogonal": orthogonal,
+    "normalised": normalised,
+}
+
+
+def main(config_path: str, attack: str, attackers: int, draws: int) -> None:
+    config = {**json.loads(Path(config_path).read_text())["run"], "attack": attack}
+    start = start_state(config)
+    keys = _aggregated_keys(start)
+    sizes = np.array([len(part) for part in load_partitions(config)])
+    quartiles = np.quantile(sizes, [0.25, 0.5, 0.75])
+    flags: dict[str, dict[str, list[bool]]] = {name: {} for name in VARIANTS}
+    for draw in range(draws):
+        honest, malicious = sample_round(config, attackers, draw)
+        states = [local_update(config, pid, draw + 1, start).state_dict for pid in honest + malicious]
+        layers = [np.stack([(start[key] - state[key]).numpy() for state in states]) for key in keys]
+        groups = ["attackers"] * len(malicious)
+        groups[:0] = [f"honest, size quarter {1 + np.searchsorted(quartiles, sizes[pid])}" for pid in honest]
+        for name, transform in VARIANTS.items():
+            flagged = collusion_weights(*departure_agreement([transform(layer) for layer in layers])) < 1.0
+            for group, flag in zip(groups, flagged, strict=True):
+                flags[name].setdefault(group, []).append(bool(flag))
+                if group != "attackers":
+                    flags[name].setdefault("honest", []).append(bool(flag))
+    for name, by_group in flags.items():
+        shares = ", ".join(f"{group} {np.mean(by_group[group]):.2f}" for group in sorted(by_group))
+        print(f"{attack}, {attackers} attackers, {draws} rounds, {name}: flagged {shares}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
