@@ -68,8 +68,8 @@ def main(config_path: str, attack: str, attackers: int, draws: int) -> None:
         honest, malicious = sample_round(config, attackers, draw)
         states = [local_update(config, pid, draw + 1, start).state_dict for pid in honest + malicious]
         layers = [np.stack([(start[key] - state[key]).numpy() for state in states]) for key in keys]
-        groups = ["attackers"] * len(malicious)
-        groups[:0] = [f"honest, size quarter {1 + np.searchsorted(quartiles, sizes[pid])}" for pid in honest]
+        quarters = [f"honest, size quarter {1 + np.searchsorted(quartiles, sizes[pid])}" for pid in honest]
+        groups = quarters + ["attackers"] * len(malicious)  # the order of honest + malicious above
         for name, transform in VARIANTS.items():
             flagged = collusion_weights(*departure_agreement([transform(layer) for layer in layers])) < 1.0
             for group, flag in zip(groups, flagged, strict=True):
