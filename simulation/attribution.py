@@ -129,7 +129,7 @@ def combined_steps(
     return steps, stats
 
 
-def _aggregated_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+def aggregated_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
     """The entries Invariant masks and trims: floating ones other than BatchNorm running statistics."""
     return [
         key
@@ -195,7 +195,7 @@ def attribute_round(
     counterfactual = [
         local_update(benign_config, pid, server_round, start).state_dict for pid in malicious_ids
     ]
-    keys = _aggregated_keys(start)
+    keys = aggregated_keys(start)
     flat_start = _flat(start, keys)
     attacked_round = _pseudo_gradients(flat_start, shared + [result.state_dict for result in attacked], keys)
     steps, stats = combined_steps(

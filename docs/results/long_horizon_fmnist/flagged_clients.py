@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from flwr_invariant.mask_rules import MaskRule
-from simulation.attribution import _aggregated_keys, start_state
+from simulation.attribution import aggregated_keys, start_state
 from simulation.checkpoint import read_checkpoint
 from simulation.config import resolve_config
 from simulation.partition import malicious_pool
@@ -45,7 +45,7 @@ def run_model(run: Path, config: dict) -> tuple[dict[str, torch.Tensor], int]:
 def main(run: Path, rounds: int, from_start: bool) -> None:
     config = resolve_config(json.loads((run / "config.json").read_text())["run"])
     model, base = (start_state(config), 0) if from_start else run_model(run, config)
-    keys = _aggregated_keys(model)
+    keys = aggregated_keys(model)
     pool = malicious_pool(config)
     rule = MaskRule("cross-round-departure-exclusion", config["tau"])
     rng = np.random.default_rng(12345)

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from flwr_invariant.mask_rules import departure_signs
-from simulation.attribution import _aggregated_keys, sample_round, start_state
+from simulation.attribution import aggregated_keys, sample_round, start_state
 from simulation.config import resolve_config
 from simulation.grid import load_grid
 from simulation.partition import malicious_pool
@@ -27,7 +27,7 @@ def main(grid: str, draws: int, attack: str) -> None:
     overrides = next(o for _, o in spec.runs() if o["seed"] == 7 and o["attack"] == attack)
     config = resolve_config({**overrides, "defense": "invariant"})
     start = start_state(config)
-    keys = _aggregated_keys(start)
+    keys = aggregated_keys(start)
     pool = malicious_pool(config)
     rounds = []
     for draw in range(draws):

@@ -33,8 +33,8 @@ from simulation.checkpoint import read_checkpoint
 from simulation.partition import malicious_pool
 
 
-def read_records(run_dir: Path) -> tuple[int, dict[int, np.ndarray], set[int], int] | None:
-    """``(round, partition -> [taken part, flagged, excluded], attackers, partitions)``, or ``None``."""
+def read_records(run_dir: Path) -> tuple[int, dict[int, np.ndarray], set[int], dict] | None:
+    """``(round, partition -> [taken part, flagged, excluded], attackers, run config)``, or ``None``."""
     config = json.loads((run_dir / "config.json").read_text())["run"]
     checkpoint = read_checkpoint(run_dir / "checkpoint", config)
     if checkpoint is None:
@@ -45,7 +45,7 @@ def read_records(run_dir: Path) -> tuple[int, dict[int, np.ndarray], set[int], i
         for key, value in checkpoint.strategy_arrays.items()
         if key.startswith(prefix)
     }
-    return checkpoint.server_round, records, set(malicious_pool(config)), config["num-partitions"]
+    return checkpoint.server_round, records, set(malicious_pool(config)), config
 
 
 def beta_binomial_tail(count: int, trials: int, a: float, b: float) -> float:
@@ -82,11 +82,10 @@ def what_if(sampled: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def by_size(run_dir: Path, records: dict[int, np.ndarray], attackers: set[int]) -> list[str]:
+def by_size(config: dict, records: dict[int, np.ndarray], attackers: set[int]) -> list[str]:
     """Lines on the honest clients by quarter of partition size: flag rate, excluded, examples excluded."""
     from simulation.data import load_partitions  # needs the data root; only this option reads data
 
-    config = json.loads((run_dir / "config.json").read_text())["run"]
     honest = np.array([p for p in sorted(records) if p not in attackers])
     size = np.array([len(part) for part in load_partitions(config)])[honest]
     rows = np.stack([records[p] for p in honest])
@@ -110,9 +109,10 @@ def summary(run_dir: Path, with_what_if: bool = False, with_sizes: bool = False)
     read = read_records(run_dir)
     if read is None:
         return f"{run_dir.name}: no checkpoint"
-    server_round, records, attackers, num_partitions = read
+    server_round, records, attackers, config = read
     lines = [f"{run_dir.name}, round {server_round}:"]
-    for label, group in (("attackers", attackers), ("honest", set(range(num_partitions)) - attackers)):
+    honest = set(range(config["num-partitions"])) - attackers
+    for label, group in (("attackers", attackers), ("honest", honest)):
         rows = np.array([records[p] for p in sorted(group) if p in records]).reshape(-1, 3)
         rate = rows[:, 1].sum() / max(rows[:, 0].sum(), 1)
         each = np.quantile(rows[:, 1] / np.maximum(rows[:, 0], 1), [0, 0.5, 0.9, 1])
@@ -132,7 +132,7 @@ def summary(run_dir: Path, with_what_if: bool = False, with_sizes: bool = False)
                 f"{int((unusual & ~is_attacker).sum())} honest clients"
             )
     if with_sizes:
-        lines += by_size(run_dir, records, attackers)
+        lines += by_size(config, records, attackers)
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from flwr_invariant.mask_rules import collusion_weights, departure_agreement
-from simulation.attribution import _aggregated_keys, sample_round, start_state
+from simulation.attribution import aggregated_keys, sample_round, start_state
 from simulation.data import load_partitions
 from simulation.training import local_update
 
@@ -60,7 +60,7 @@ VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 def main(config_path: str, attack: str, attackers: int, draws: int) -> None:
     config = {**json.loads(Path(config_path).read_text())["run"], "attack": attack}
     start = start_state(config)
-    keys = _aggregated_keys(start)
+    keys = aggregated_keys(start)
     sizes = np.array([len(part) for part in load_partitions(config)])
     quartiles = np.quantile(sizes, [0.25, 0.5, 0.75])
     flags: dict[str, dict[str, list[bool]]] = {name: {} for name in VARIANTS}
