@@ -1,17 +1,16 @@
-"""Whom the departure test flags in one round, with departures as shipped and two alternatives (session 41).
+"""Whom the departure test flags in one round, as shipped and on four alternatives (sessions 41-42).
 
 From a run's starting model (its cached pretrained model), ``DRAWS`` rounds of ``clients-per-round``
 clients, exactly ``ATTACKERS`` of them malicious (:func:`simulation.attribution.sample_round`), are
 trained with the run's settings and ``ATTACK``; the round's pairwise test
 (:func:`flwr_invariant.mask_rules.departure_agreement`, then
-:func:`~flwr_invariant.mask_rules.collusion_weights` below 1: flagged) runs on three versions of the
-pseudo-gradients, per layer:
+:func:`~flwr_invariant.mask_rules.collusion_weights` below 1: flagged) runs on five versions of the
+pseudo-gradients' layers:
 
 - ``shipped``: as they are (the rule's test);
 - ``orthogonal``: each client's update less its projection on the coordinate-wise median, so a
   client whose update is a shorter copy of the round's common step departs by nothing;
-- ``normalised``: each client's update divided by its norm.
-
+- ``normalised``: each client's update divided by its norm;
 - ``no classifier``: as shipped, without the last layer (its weight and bias);
 - ``classifier only``: the last layer alone.
 
