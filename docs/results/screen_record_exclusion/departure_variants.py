@@ -93,7 +93,8 @@ def main(config_path: str, attack: str, attackers: int, draws: int) -> None:
     sizes = np.array([len(part) for part in partitions])
     quartiles = np.quantile(sizes, [0.25, 0.5, 0.75])
     flags: dict[str, dict[str, list[bool]]] = {name: {} for name in VARIANTS}
-    similarity: dict[str, dict[str, list[float]]] = {name: {"all": [], "out": []} for name in VARIANTS}
+    all_cosines: list[float] = []  # every honest pair's, the same for every variant
+    standout_cosines: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for draw in range(draws):
         honest, malicious = sample_round(config, attackers, draw)
         states = [local_update(config, pid, draw + 1, start).state_dict for pid in honest + malicious]
@@ -103,10 +104,10 @@ def main(config_path: str, attack: str, attackers: int, draws: int) -> None:
         histograms = [np.bincount(labels[partitions[pid]], minlength=task.num_classes) for pid in honest]
         cosines = label_cosines(np.stack(histograms).astype(np.float64))
         honest_pairs = np.triu_indices(len(honest), 1)
+        all_cosines += cosines[honest_pairs].tolist()
         for name, variant in VARIANTS.items():
             flagged, standing_out = standout_pairs(variant(layers))
-            similarity[name]["all"] += cosines[honest_pairs].tolist()
-            similarity[name]["out"] += cosines[honest_pairs][standing_out[honest_pairs]].tolist()
+            standout_cosines[name] += cosines[honest_pairs][standing_out[honest_pairs]].tolist()
             for group, flag in zip(groups, flagged, strict=True):
                 flags[name].setdefault(group, []).append(bool(flag))
                 if group != "attackers":
@@ -114,10 +115,10 @@ def main(config_path: str, attack: str, attackers: int, draws: int) -> None:
     for name, by_group in flags.items():
         shares = ", ".join(f"{group} {np.mean(by_group[group]):.2f}" for group in sorted(by_group))
         print(f"{attack}, {attackers} attackers, {draws} rounds, {name}: flagged {shares}")
-        pairs = similarity[name]
+        out = standout_cosines[name]
         print(
-            f"  honest pairs' label cosine: all {np.mean(pairs['all']):.2f} ({len(pairs['all'])} pairs), "
-            f"standing out {np.mean(pairs['out'] or [np.nan]):.2f} ({len(pairs['out'])} pairs)"
+            f"  honest pairs' label cosine: all {np.mean(all_cosines):.2f} ({len(all_cosines)} pairs), "
+            f"standing out {np.mean(out or [np.nan]):.2f} ({len(out)} pairs)"
         )
 
 
