@@ -6,7 +6,11 @@ seed), ``acc_backdoor`` at or below :data:`~simulation.frontier.BAR` in every ro
 attack and seed. Each row pairs a completed run of the defense with the baseline's run of the same
 task, attack, seed and number of rounds, and says which half it meets. Because the final round's
 ``acc_main`` is one evaluation, the row also gives the mean of the last :data:`LAST_EVALUATIONS`
-evaluations of both runs and their gap.
+evaluations of both runs and their gap. Because one round over the bar can be noise of the task,
+the row also counts the rounds over it and averages ``acc_backdoor`` over the last
+:data:`LAST_BACKDOOR_ROUNDS` rounds, beside the same two figures for the baseline's no-attack run
+(``attack = "none"``) of the same task, seed and number of rounds: the level an attack-free federation
+reaches on the same data.
 
     python -m simulation scorecard docs/results/long_horizon_fmnist \\
         --defense "invariant-record-departure-exclusion tau=0.3"
@@ -25,6 +29,7 @@ from .frontier import BAR, attacked_backdoor
 from .report import RunResult, as_float, load_runs
 
 __all__ = [
+    "LAST_BACKDOOR_ROUNDS",
     "LAST_EVALUATIONS",
     "WITHIN",
     "ScorecardRow",
@@ -35,6 +40,8 @@ __all__ = [
 
 WITHIN = 0.01  # the issue's bar: final acc_main at most 1 point below the baseline's
 LAST_EVALUATIONS = 10  # evaluations of acc_main averaged besides the final one
+LAST_BACKDOOR_ROUNDS = 60  # rounds of acc_backdoor (evaluated every round) averaged at the end of a run
+CONTROL_ATTACK = "none"  # the attack name of the no-attack control
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,14 @@ class ScorecardRow:
     rounds: int
     peak_backdoor: float  # highest acc_backdoor of any round after round 0
     first_over_bar: int | None  # first round with acc_backdoor > BAR
+    rounds_over_bar: int  # rounds with acc_backdoor > BAR
+    recent_backdoor: float  # mean acc_backdoor over the last LAST_BACKDOOR_ROUNDS rounds
     final_main: float
     recent_main: float  # mean acc_main over the last LAST_EVALUATIONS evaluations
     baseline_final_main: float | None  # None: the baseline has no run of this cell
     baseline_recent_main: float | None
+    control_rounds_over_bar: int | None  # None: the baseline has no no-attack run of this task and seed
+    control_recent_backdoor: float | None
 
     @property
     def held(self) -> bool:
@@ -81,7 +92,16 @@ def _recent_main(run: RunResult) -> float:
     return float(np.mean([v for v in values if not np.isnan(v)][-LAST_EVALUATIONS:]))
 
 
-def _row(run: RunResult, baseline: RunResult | None) -> ScorecardRow:
+def _recent_backdoor(run: RunResult) -> float:
+    """Mean acc_backdoor over the run's last :data:`LAST_BACKDOOR_ROUNDS` attacked rounds."""
+    return float(np.mean([v for _, v in attacked_backdoor(run)][-LAST_BACKDOOR_ROUNDS:]))
+
+
+def _rounds_over_bar(run: RunResult) -> int:
+    return sum(v > BAR for _, v in attacked_backdoor(run))
+
+
+def _row(run: RunResult, baseline: RunResult | None, control: RunResult | None) -> ScorecardRow:
     backdoor = attacked_backdoor(run)
     over = [n for n, v in backdoor if v > BAR]
     return ScorecardRow(
@@ -91,10 +111,14 @@ def _row(run: RunResult, baseline: RunResult | None) -> ScorecardRow:
         rounds=run.final_round,
         peak_backdoor=max((v for _, v in backdoor), default=float("nan")),
         first_over_bar=min(over) if over else None,
+        rounds_over_bar=len(over),
+        recent_backdoor=_recent_backdoor(run),
         final_main=run.final("acc_main"),
         recent_main=_recent_main(run),
         baseline_final_main=None if baseline is None else baseline.final("acc_main"),
         baseline_recent_main=None if baseline is None else _recent_main(baseline),
+        control_rounds_over_bar=None if control is None else _rounds_over_bar(control),
+        control_recent_backdoor=None if control is None else _recent_backdoor(control),
     )
 
 
@@ -118,7 +142,12 @@ def scorecard_rows(runs: Iterable[RunResult], defense: str, baseline: str = "fed
     if not mine:
         labels = sorted({defense_label(run.config) for run in runs})
         raise ValueError(f"no completed run of defense {defense!r}; the runs' defenses: {labels}")
-    rows = [_row(run, baselines.get(cell(run))) for run in mine]
+
+    def control(run: RunResult) -> RunResult | None:
+        task, _, seed, rounds = cell(run)
+        return baselines.get((task, CONTROL_ATTACK, seed, rounds))
+
+    rows = [_row(run, baselines.get(cell(run)), control(run)) for run in mine]
     return sorted(rows, key=lambda r: (r.task, r.attack, r.seed, r.rounds))
 
 
@@ -126,21 +155,30 @@ def _points(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:+.2f}"
 
 
+def _or_not_run(value: float | None, spec: str) -> str:
+    return "not run" if value is None else format(value, spec)
+
+
 def scorecard_table(rows: Sequence[ScorecardRow], baseline: str = "fedavg") -> list[str]:
     """Markdown lines: one row per cell; gaps in points of acc_main (positive: below the baseline)."""
     lines = [
         f"| task | attack | seed | rounds | highest acc_backdoor | first round > {BAR:.2f} "
+        f"| rounds > {BAR:.2f} | mean acc_backdoor, last {LAST_BACKDOOR_ROUNDS} rounds "
+        f"| no-attack {baseline}: rounds > {BAR:.2f} "
+        f"| no-attack {baseline}: mean, last {LAST_BACKDOOR_ROUNDS} "
         f"| final acc_main | {baseline} final | gap "
         f"| mean of last {LAST_EVALUATIONS} evaluations | {baseline} mean | gap | verdict |",
-        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|",
+        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|",
     ]
     for r in rows:
         first = "never" if r.first_over_bar is None else str(r.first_over_bar)
-        base_final = "not run" if r.baseline_final_main is None else f"{r.baseline_final_main:.3f}"
-        base_recent = "not run" if r.baseline_recent_main is None else f"{r.baseline_recent_main:.3f}"
         lines.append(
             f"| {r.task} | {r.attack} | {r.seed} | {r.rounds} | {r.peak_backdoor:.2f} | {first} "
-            f"| {r.final_main:.3f} | {base_final} | {_points(r.gap)} | {r.recent_main:.3f} | {base_recent} "
+            f"| {r.rounds_over_bar} | {r.recent_backdoor:.3f} "
+            f"| {_or_not_run(r.control_rounds_over_bar, 'd')} "
+            f"| {_or_not_run(r.control_recent_backdoor, '.3f')} "
+            f"| {r.final_main:.3f} | {_or_not_run(r.baseline_final_main, '.3f')} | {_points(r.gap)} "
+            f"| {r.recent_main:.3f} | {_or_not_run(r.baseline_recent_main, '.3f')} "
             f"| {_points(r.recent_gap)} | {r.verdict} |"
         )
     return lines
@@ -160,7 +198,8 @@ def write_scorecard(
             f"From {', '.join(f'`{d}`' for d in results_dirs)}. The bar: `acc_backdoor` at most {BAR:.2f} in "
             f"every round after round 0, and the final `acc_main` at most {100 * WITHIN:.0f} point below "
             f"{baseline}'s under the same attack and seed. Gaps are in points of `acc_main`, positive where "
-            f"the defense is below {baseline}.",
+            f"the defense is below {baseline}. The no-attack columns are {baseline}'s run of the same seed "
+            f"with every client honest: how often the attack-free model is over the bar on its own.",
             "",
             *scorecard_table(rows, baseline),
             "",

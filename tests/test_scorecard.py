@@ -8,7 +8,7 @@ import pytest
 
 from simulation.__main__ import main as cli
 from simulation.report import load_runs
-from simulation.scorecard import LAST_EVALUATIONS, scorecard_rows, write_scorecard
+from simulation.scorecard import LAST_BACKDOOR_ROUNDS, LAST_EVALUATIONS, scorecard_rows, write_scorecard
 from tests.test_report import _write_run
 
 ROUNDS = 120  # acc_main evaluated every 10 rounds: 13 evaluations, more than LAST_EVALUATIONS
@@ -31,9 +31,10 @@ def _results(root: Path) -> Path:
         ("fedavg", "blackbox", 0): ({5: 0.9}, 0.90, 0.90),
         ("fedavg", "blackbox", 1): ({5: 0.9}, 0.90, 0.90),
         ("fedavg", "pgd", 0): ({}, 0.90, 0.90),
+        ("fedavg", "none", 0): ({50: 0.2, 61: 0.2, 120: 0.2}, 0.91, 0.91),  # seed 0's no-attack control
         ("invariant", "blackbox", 0): ({}, 0.87, 0.895),  # held, 0.5 below at the end, 3 below on the mean
         ("invariant", "blackbox", 1): ({}, 0.88, 0.88),  # held, 2 points below
-        ("invariant", "pgd", 0): ({7: 0.11, 9: 0.3}, 0.90, 0.90),  # leaked at round 7
+        ("invariant", "pgd", 0): ({7: 0.11, 9: 0.3, 100: 0.61}, 0.90, 0.90),  # leaked at round 7
         ("invariant", "mask-tipping", 0): ({}, 0.89, 0.89),  # FedAvg has no run of this cell
         ("invariant", "blackbox", 2): ({}, 0.90, 0.90),  # nor of this one (seed 2)
     }
@@ -70,8 +71,20 @@ def test_rows_pair_each_cell_with_the_baseline_and_judge_both_halves(tmp_path: P
     assert (
         leaked.verdict == "leaked"
         and leaked.first_over_bar == 7
-        and leaked.peak_backdoor == pytest.approx(0.3)
+        and leaked.rounds_over_bar == 3
+        and leaked.peak_backdoor == pytest.approx(0.61)
     )
+    # rounds 61..120: round 100's 0.61 and 59 rounds at 0.01
+    assert leaked.recent_backdoor == pytest.approx((0.61 + 59 * 0.01) / LAST_BACKDOOR_ROUNDS)
+
+    # seed 0's cells carry FedAvg's no-attack run of seed 0, whatever their attack; seed 1 has none
+    for cell in [("blackbox", 0), ("pgd", 0), ("mask-tipping", 0)]:
+        assert rows[cell].control_rounds_over_bar == 3  # rounds 50, 61 and 120
+        assert rows[cell].control_recent_backdoor == pytest.approx(
+            (2 * 0.2 + 58 * 0.01) / LAST_BACKDOOR_ROUNDS
+        )
+    assert rows[("blackbox", 1)].control_rounds_over_bar is None
+    assert rows[("blackbox", 1)].control_recent_backdoor is None
 
     for cell in [("mask-tipping", 0), ("blackbox", 2)]:
         assert rows[cell].verdict == "held; no baseline run" and rows[cell].gap is None
@@ -88,10 +101,10 @@ def test_written_table_and_cli(tmp_path: Path, capsys) -> None:
     text = write_scorecard([results], "invariant", out=tmp_path / "out" / "scorecard.md")
     assert (tmp_path / "out" / "scorecard.md").read_text() == text
     assert (
-        "| fmnist | blackbox | 1 | 120 | 0.01 | never | 0.880 | 0.900 | +2.00 | 0.880 | 0.900 | +2.00 "
-        in text
+        "| fmnist | blackbox | 1 | 120 | 0.01 | never | 0 | 0.010 | not run | not run "
+        "| 0.880 | 0.900 | +2.00 | 0.880 | 0.900 | +2.00 " in text
     )
-    assert "| fmnist | pgd | 0 | 120 | 0.30 | 7 | 0.900 | 0.900 | +0.00 |" in text
+    assert "| fmnist | pgd | 0 | 120 | 0.61 | 7 | 3 | 0.020 | 3 | 0.016 | 0.900 | 0.900 | +0.00 |" in text
     assert "| 0.890 | not run | - | 0.890 | not run | - | held; no baseline run |" in text
     assert "1 of 5 cells meet the bar." in text
     cli(["scorecard", str(results), "--defense", "invariant"])
