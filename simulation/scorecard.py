@@ -92,18 +92,19 @@ def _recent_main(run: RunResult) -> float:
     return float(np.mean([v for v in values if not np.isnan(v)][-LAST_EVALUATIONS:]))
 
 
-def _recent_backdoor(run: RunResult) -> float:
-    """Mean acc_backdoor over the run's last :data:`LAST_BACKDOOR_ROUNDS` attacked rounds."""
-    return float(np.mean([v for _, v in attacked_backdoor(run)][-LAST_BACKDOOR_ROUNDS:]))
+def _recent_backdoor(backdoor: list[tuple[int, float]]) -> float:
+    """Mean acc_backdoor over the last :data:`LAST_BACKDOOR_ROUNDS` of ``(round, acc_backdoor)`` pairs."""
+    return float(np.mean([v for _, v in backdoor][-LAST_BACKDOOR_ROUNDS:]))
 
 
-def _rounds_over_bar(run: RunResult) -> int:
-    return sum(v > BAR for _, v in attacked_backdoor(run))
+def _rounds_over_bar(backdoor: list[tuple[int, float]]) -> list[int]:
+    return [n for n, v in backdoor if v > BAR]
 
 
 def _row(run: RunResult, baseline: RunResult | None, control: RunResult | None) -> ScorecardRow:
     backdoor = attacked_backdoor(run)
-    over = [n for n, v in backdoor if v > BAR]
+    over = _rounds_over_bar(backdoor)
+    control_backdoor = None if control is None else attacked_backdoor(control)
     return ScorecardRow(
         task=str(run.config["task"]),
         attack=str(run.config["attack"]),
@@ -112,13 +113,13 @@ def _row(run: RunResult, baseline: RunResult | None, control: RunResult | None) 
         peak_backdoor=max((v for _, v in backdoor), default=float("nan")),
         first_over_bar=min(over) if over else None,
         rounds_over_bar=len(over),
-        recent_backdoor=_recent_backdoor(run),
+        recent_backdoor=_recent_backdoor(backdoor),
         final_main=run.final("acc_main"),
         recent_main=_recent_main(run),
         baseline_final_main=None if baseline is None else baseline.final("acc_main"),
         baseline_recent_main=None if baseline is None else _recent_main(baseline),
-        control_rounds_over_bar=None if control is None else _rounds_over_bar(control),
-        control_recent_backdoor=None if control is None else _recent_backdoor(control),
+        control_rounds_over_bar=None if control_backdoor is None else len(_rounds_over_bar(control_backdoor)),
+        control_recent_backdoor=None if control_backdoor is None else _recent_backdoor(control_backdoor),
     )
 
 
