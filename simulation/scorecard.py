@@ -10,7 +10,8 @@ evaluations of both runs and their gap. Because one round over the bar can be no
 the row also counts the rounds over it and averages ``acc_backdoor`` over the last
 :data:`LAST_BACKDOOR_ROUNDS` rounds, beside the same two figures for the baseline's no-attack run
 (``attack = "none"``) of the same task, seed and number of rounds: the level an attack-free federation
-reaches on the same data.
+reaches on the same data. The defense's own no-attack run, when it has one, is listed as a control and
+is not a cell of the bar.
 
     python -m simulation scorecard docs/results/long_horizon_fmnist \\
         --defense "invariant-record-departure-exclusion tau=0.3"
@@ -77,7 +78,14 @@ class ScorecardRow:
         return None if self.baseline_recent_main is None else self.baseline_recent_main - self.recent_main
 
     @property
+    def is_control(self) -> bool:
+        """The defense's own no-attack run: what the defense does with no attacker, not a cell of the bar."""
+        return self.attack == CONTROL_ATTACK
+
+    @property
     def verdict(self) -> str:
+        if self.is_control:
+            return "no attack (control)"
         if not self.held:
             return "leaked"
         if self.gap is None:
@@ -191,7 +199,8 @@ def write_scorecard(
     """The scorecard of ``defense`` over ``results_dirs`` as Markdown; also written to ``out`` if given."""
     runs = [run for d in results_dirs for run in load_runs(Path(d))[0]]
     rows = scorecard_rows(runs, defense, baseline)
-    met = sum(r.verdict == "meets the bar" for r in rows)
+    judged = [r for r in rows if not r.is_control]
+    met = sum(r.verdict == "meets the bar" for r in judged)
     text = "\n".join(
         [
             f"# Scorecard: {defense}",
@@ -200,11 +209,13 @@ def write_scorecard(
             f"every round after round 0, and the final `acc_main` at most {100 * WITHIN:.0f} point below "
             f"{baseline}'s under the same attack and seed. Gaps are in points of `acc_main`, positive where "
             f"the defense is below {baseline}. The no-attack columns are {baseline}'s run of the same seed "
-            f"with every client honest: how often the attack-free model is over the bar on its own.",
+            f"with every client honest: how often the attack-free model is over the bar on its own. "
+            f"A row with attack `{CONTROL_ATTACK}` is the defense's own run with every client honest: "
+            f"a control, not a cell of the bar.",
             "",
             *scorecard_table(rows, baseline),
             "",
-            f"{met} of {len(rows)} cells meet the bar.",
+            f"{met} of {len(judged)} cells meet the bar.",
             "",
         ]
     )

@@ -37,6 +37,7 @@ def _results(root: Path) -> Path:
         ("invariant", "pgd", 0): ({7: 0.11, 9: 0.3, 100: 0.61}, 0.90, 0.90),  # leaked at round 7
         ("invariant", "mask-tipping", 0): ({}, 0.89, 0.89),  # FedAvg has no run of this cell
         ("invariant", "blackbox", 2): ({}, 0.90, 0.90),  # nor of this one (seed 2)
+        ("invariant", "none", 0): ({30: 0.12}, 0.90, 0.90),  # its own no-attack control, not a cell
     }
     for (defense, attack, seed), (backdoor, main, last) in runs.items():
         config = {"task": "fmnist", "attack": attack, "defense": defense, "tau": 0.6, "seed": seed}
@@ -53,6 +54,7 @@ def test_rows_pair_each_cell_with_the_baseline_and_judge_both_halves(tmp_path: P
         ("blackbox", 1),
         ("blackbox", 2),
         ("mask-tipping", 0),
+        ("none", 0),
         ("pgd", 0),
     ]
 
@@ -89,6 +91,11 @@ def test_rows_pair_each_cell_with_the_baseline_and_judge_both_halves(tmp_path: P
     for cell in [("mask-tipping", 0), ("blackbox", 2)]:
         assert rows[cell].verdict == "held; no baseline run" and rows[cell].gap is None
 
+    # over the bar at round 30, but with no attacker there is nothing to hold out: a control, not a leak
+    control = rows[("none", 0)]
+    assert control.is_control and control.verdict == "no attack (control)"
+    assert control.first_over_bar == 30 and control.gap == pytest.approx(0.01)  # FedAvg's no-attack run
+
 
 def test_a_defense_with_no_run_is_refused_with_the_labels_present(tmp_path: Path) -> None:
     runs = load_runs(_results(tmp_path / "r"))[0]
@@ -106,7 +113,8 @@ def test_written_table_and_cli(tmp_path: Path, capsys) -> None:
     )
     assert "| fmnist | pgd | 0 | 120 | 0.61 | 7 | 3 | 0.020 | 3 | 0.016 | 0.900 | 0.900 | +0.00 |" in text
     assert "| 0.890 | not run | - | 0.890 | not run | - | held; no baseline run |" in text
-    assert "1 of 5 cells meet the bar." in text
+    assert "| fmnist | none | 0 | 120 | 0.12 | 30 | 1 |" in text and "| no attack (control) |" in text
+    assert "1 of 5 cells meet the bar." in text  # the control is listed, not counted
     cli(["scorecard", str(results), "--defense", "invariant"])
     assert "1 of 5 cells meet the bar." in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no completed run of defense 'robust-lr'"):
